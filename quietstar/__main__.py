@@ -1,0 +1,5 @@
+import sys
+
+from quietstar.cli import main
+
+sys.exit(main())

@@ -1,0 +1,93 @@
+"""Typed configuration plumbing shared by every entry point.
+
+Configs are frozen dataclasses that validate themselves in ``__post_init__``.
+This module turns them into command-line flags, reads YAML overrides, and
+merges the two (the CLI wins over YAML, YAML wins over the defaults).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+C = TypeVar("C")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value. The message starts with ``Class.field``."""
+
+
+def require(ok: bool, owner: object, field: str, rule: str) -> None:
+    """Raise a ConfigError naming ``owner.field`` when ``ok`` is false."""
+    if not ok:
+        value = getattr(owner, field, None)
+        raise ConfigError(f"{type(owner).__name__}.{field}: {rule}, got {value!r}")
+
+
+def is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value and abs(value) != float("inf")
+
+
+def _field_type(cls: type, field: dataclasses.Field) -> tuple[type, bool]:
+    """(scalar type, optional?) of a dataclass field from its annotation."""
+    hint = typing.get_type_hints(cls)[field.name]
+    args = typing.get_args(hint)
+    optional = type(None) in args and (typing.get_origin(hint) in (typing.Union, types.UnionType))
+    if optional:
+        hint = next(a for a in args if a is not type(None))
+    return hint, optional
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, title: str | None = None) -> None:
+    """Add one ``--field-name`` flag per field of ``cls``; every default is None (meaning: not given)."""
+    group = parser.add_argument_group(title or cls.__name__)
+    for field in dataclasses.fields(cls):
+        hint, _ = _field_type(cls, field)
+        flag = "--" + field.name.replace("_", "-")
+        default = field.default if field.default is not dataclasses.MISSING else None
+        help_text = f"{cls.__name__}.{field.name} (default: {default!r})"
+        if hint is bool:
+            group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            group.add_argument(flag, dest=field.name, type=hint, default=None, metavar=hint.__name__.upper(), help=help_text)
+
+
+def load_yaml(path: str | Path | None) -> dict[str, Any]:
+    """Read a YAML mapping; a missing file or a non-mapping fails with a one-line error."""
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of field: value, got {type(data).__name__}")
+    return data
+
+
+def from_dict(cls: type[C], values: dict[str, Any]) -> C:
+    """Build ``cls`` from a mapping, rejecting unknown keys by name."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    return cls(**values)
+
+
+def build_config(cls: type[C], yaml_values: dict[str, Any], args: argparse.Namespace | None = None) -> C:
+    """Defaults, then the YAML values that name a field of ``cls``, then the CLI flags that were given."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in yaml_values.items() if k in names}
+    if args is not None:
+        values.update({k: v for k, v in vars(args).items() if k in names and v is not None})
+    return from_dict(cls, values)

@@ -1,0 +1,85 @@
+"""QuietStarConfig: the method's hyperparameters, validated at construction."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from quietstar.cli_config import is_int, is_number, require
+
+
+@dataclass(frozen=True)
+class QuietStarConfig:
+    """Settings of Quiet-STaR (Zelikman et al., 2024). Defaults follow the paper.
+
+    Attributes:
+        thought_len: M, sampled tokens between ``<sot>`` and ``<eot>``.
+        n_true: K, true tokens after the thought that are predicted (teacher forced).
+        n_thoughts: R, thoughts per position; R >= 2 because the reward baseline is
+            the mean over the other thoughts at the same position.
+        sample_temperature: temperature used to sample thought tokens.
+        policy_temperature: temperature of the log-probabilities in the REINFORCE
+            loss; ``None`` means "same as ``sample_temperature``" (the reference code
+            used a mismatched 3.0; set it explicitly to reproduce that).
+        base_loss_weight: weight of the plain next-token NLL of the unchanged model.
+        talk_loss_weight: weight of the NLL of the mixed ("talk") prediction.
+        policy_loss_weight: weight of the REINFORCE loss on the thought tokens.
+        positive_rewards_only: keep only rewards > 0 in the policy loss (paper).
+        thought_lr_multiplier: learning-rate multiplier of the ``<sot>``/``<eot>``
+            embeddings relative to the rest of the model.
+        mixing_head_width: hidden width of the mixing head's MLP.
+        marker_init_text: text whose mean token embedding initialises both markers.
+    """
+
+    thought_len: int = 12
+    n_true: int = 4
+    n_thoughts: int = 2
+    sample_temperature: float = 1.0
+    policy_temperature: float | None = None
+    base_loss_weight: float = 0.0
+    talk_loss_weight: float = 1.0
+    policy_loss_weight: float = 1.0
+    positive_rewards_only: bool = True
+    thought_lr_multiplier: float = 100.0
+    mixing_head_width: int = 256
+    marker_init_text: str = "---"
+
+    def __post_init__(self) -> None:
+        require(is_int(self.thought_len) and self.thought_len >= 1, self, "thought_len", "must be an integer >= 1")
+        require(is_int(self.n_true) and self.n_true >= 1, self, "n_true", "must be an integer >= 1")
+        require(
+            is_int(self.n_thoughts) and self.n_thoughts >= 2,
+            self,
+            "n_thoughts",
+            "must be an integer >= 2 (the reward baseline is the mean over thoughts)",
+        )
+        require(is_number(self.sample_temperature) and self.sample_temperature > 0, self, "sample_temperature", "must be a finite number > 0")
+        if self.policy_temperature is None:
+            object.__setattr__(self, "policy_temperature", float(self.sample_temperature))
+        require(is_number(self.policy_temperature) and self.policy_temperature > 0, self, "policy_temperature", "must be a finite number > 0")
+        for name in ("base_loss_weight", "talk_loss_weight", "policy_loss_weight"):
+            require(is_number(getattr(self, name)) and getattr(self, name) >= 0, self, name, "must be a finite number >= 0")
+        require(
+            self.base_loss_weight + self.talk_loss_weight + self.policy_loss_weight > 0,
+            self,
+            "talk_loss_weight",
+            "base_loss_weight, talk_loss_weight and policy_loss_weight are all 0, so there is nothing to train",
+        )
+        require(isinstance(self.positive_rewards_only, bool), self, "positive_rewards_only", "must be true or false")
+        require(is_number(self.thought_lr_multiplier) and self.thought_lr_multiplier > 0, self, "thought_lr_multiplier", "must be a finite number > 0")
+        require(is_int(self.mixing_head_width) and self.mixing_head_width >= 1, self, "mixing_head_width", "must be an integer >= 1")
+        require(
+            isinstance(self.marker_init_text, str) and self.marker_init_text.strip() != "",
+            self,
+            "marker_init_text",
+            "must be a non-empty string",
+        )
+
+    @property
+    def n_blocks(self) -> int:
+        """Thought-side blocks forwarded per step: <sot>, z_1..z_M, <eot>, x_{t+1..t+K-1}."""
+        return self.thought_len + self.n_true + 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -1,0 +1,231 @@
+"""QuietStarModel: a causal LM that samples a thought after every token.
+
+One training step (``forward``), for all positions t of a batch at once:
+  1. base pass over the text -> h_base [B, L, H] and the base NLL;
+  2. thought blocks (``thought_sampler``): <sot>, z_1..z_M, <eot>, x_{t+1..t+K-1}
+     -> policy log-probs of z and post-thought hidden states [B, L, R, K, H];
+  3. mixing head: talk hidden = h_base + w * (h_thought - h_base) -> talk log-probs;
+  4. losses: talk NLL, rewards with the mean-over-thoughts baseline, REINFORCE.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache, PreTrainedModel
+
+from quietstar.config import QuietStarConfig
+from quietstar.latent_model import LatentReasoningModel
+from quietstar.losses import future_targets, masked_mean, nll, reinforce_loss, thought_rewards, token_logprobs
+from quietstar.mixing_head import MixingHead
+from quietstar.thought_embeddings import ThoughtEmbeddings
+from quietstar.thought_sampler import ThoughtRollout, rollout_thoughts
+
+
+@dataclass
+class QuietStarOutput:
+    """Result of one Quiet-STaR forward. Scalars are 0-dim tensors; ``loss`` carries the graph.
+
+    ``base_nll`` is the next-token NLL of the unchanged model; ``talk_nll`` averages
+    over all K targets after each thought, so the two differ even when talk == base.
+
+    Per-position tensors (B batch, L length, R thoughts, K true tokens, M thought length):
+        base_logprobs: [B, L, K] log p_base(x_{t+j}) (the base model's prediction at t+j-1).
+        talk_logprobs: [B, L, R, K] log p_talk(x_{t+j} | thought r after x_t).
+            Both are 0 where ``target_mask`` is False.
+        target_mask: [B, L, K] True where x_{t+j} is a real token.
+        thoughts: [B, L, R, M] the thought tokens.
+        rewards: [B, L, R] reward of each thought (sums to zero over R).
+        mixing_weights: [B, L, R, K] the mixing head's w.
+    """
+
+    loss: torch.Tensor
+    base_nll: torch.Tensor
+    talk_nll: torch.Tensor
+    policy_loss: torch.Tensor
+    reward_mean: torch.Tensor
+    mixing_weight_mean: torch.Tensor
+    base_logprobs: torch.Tensor
+    talk_logprobs: torch.Tensor
+    target_mask: torch.Tensor
+    thoughts: torch.LongTensor
+    rewards: torch.Tensor
+    mixing_weights: torch.Tensor
+
+    def metrics(self) -> dict[str, float]:
+        """The scalar fields as Python floats, for logging."""
+        names = ("loss", "base_nll", "talk_nll", "policy_loss", "reward_mean", "mixing_weight_mean")
+        return {name: float(getattr(self, name).detach()) for name in names}
+
+
+class QuietStarModel(LatentReasoningModel):
+    """Quiet-STaR around any supported ``AutoModelForCausalLM`` (Llama, Mistral, Qwen2).
+
+    Args:
+        base_model: the causal LM; it is trained in place.
+        tokenizer: its tokenizer (used to initialise the markers and saved with the model).
+        config: the method's settings.
+    """
+
+    method = "quietstar"
+    config_class = QuietStarConfig
+
+    def __init__(self, base_model: PreTrainedModel, tokenizer, config: QuietStarConfig | None = None) -> None:
+        super().__init__(base_model, tokenizer, config if config is not None else QuietStarConfig())
+        embedding = base_model.get_input_embeddings()
+        like = {"device": embedding.weight.device, "dtype": embedding.weight.dtype}
+        self.thought_embeddings = ThoughtEmbeddings.from_text(embedding, tokenizer, self.config.marker_init_text).to(**like)
+        self.mixing_head = MixingHead(base_model.config.hidden_size, self.config.mixing_head_width).to(**like)
+
+    @property
+    def start_embedding(self) -> torch.nn.Parameter:
+        """The learned ``<sot>`` embedding, shape [hidden]."""
+        return self.thought_embeddings.start
+
+    @property
+    def end_embedding(self) -> torch.nn.Parameter:
+        """The learned ``<eot>`` embedding, shape [hidden]."""
+        return self.thought_embeddings.end
+
+    def _checked_mask(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Validate the inputs and return the [B, L] attention mask (all ones when None)."""
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must have shape [B, L], got {list(input_ids.shape)}")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask shape {list(attention_mask.shape)} != input_ids shape {list(input_ids.shape)}")
+        lengths = attention_mask.long().sum(dim=1)
+        if bool((lengths == 0).any()):
+            raise ValueError(f"row {int((lengths == 0).nonzero()[0])} of attention_mask has no tokens")
+        right_padded = torch.arange(input_ids.shape[1], device=lengths.device)[None, :] < lengths[:, None]
+        if not torch.equal(right_padded, attention_mask.bool()):
+            raise ValueError("attention_mask must be right padded (1s then 0s in every row); use tokenizer.padding_side='right'")
+        window = getattr(self.lm.config, "sliding_window", None)
+        reach = input_ids.shape[1] + self.config.thought_len + self.config.n_true
+        if window is not None and reach >= window:
+            raise ValueError(
+                f"sequence length + thought_len + n_true = {reach} reaches the model's sliding window ({window}); "
+                "use shorter sequences or thoughts"
+            )
+        return attention_mask
+
+    def _base_pass(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
+        """The unchanged model over the text; fills ``cache``. Returns h_base [B, L, H]."""
+        batch, length = input_ids.shape
+        positions = torch.arange(length, device=input_ids.device).expand(batch, length)
+        out = self.lm.get_decoder()(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, past_key_values=cache, use_cache=True
+        )
+        return out.last_hidden_state
+
+    def rollout(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        thoughts: torch.LongTensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, ThoughtRollout]:
+        """Base pass and thought passes, with gradients.
+
+        Returns h_base [B, L, H] and the rollout (thoughts, their policy
+        log-probs and the post-thought hidden states [B, L, R, K, H]).
+        ``thoughts`` [B, L, R, M], if given, is teacher-forced instead of sampled.
+        """
+        return self._rollout(input_ids, self._checked_mask(input_ids, attention_mask), thoughts, generator)
+
+    def _rollout(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor,
+        thoughts: torch.LongTensor | None,
+        generator: torch.Generator | None,
+    ) -> tuple[torch.Tensor, ThoughtRollout]:
+        cache = DynamicCache()
+        base_hidden = self._base_pass(input_ids, attention_mask, cache)
+        rollout = rollout_thoughts(
+            self.lm, self.thought_embeddings, self.config, input_ids, attention_mask, cache, thoughts=thoughts, generator=generator
+        )
+        return base_hidden, rollout
+
+    @torch.no_grad()
+    def sample_thoughts(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        greedy: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> torch.LongTensor:
+        """Sample R thoughts of M tokens after every position: LongTensor [B, L, R, M].
+
+        Entries at padding positions are computed like the others and carry no meaning.
+        """
+        attention_mask = self._checked_mask(input_ids, attention_mask)
+        cache = DynamicCache()
+        self._base_pass(input_ids, attention_mask, cache)
+        rollout = rollout_thoughts(
+            self.lm,
+            self.thought_embeddings,
+            self.config,
+            input_ids,
+            attention_mask,
+            cache,
+            continuation=False,
+            greedy=greedy,
+            generator=generator,
+        )
+        return rollout.thoughts
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        thoughts: torch.LongTensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> QuietStarOutput:
+        """One Quiet-STaR step on a right-padded batch.
+
+        Args:
+            input_ids: [B, L] token ids.
+            attention_mask: [B, L], 1 on real tokens, right padded; None means no padding.
+            thoughts: [B, L, R, M] thoughts to use instead of sampling (for evaluation and tests).
+            generator: RNG for sampling the thoughts.
+        """
+        cfg = self.config
+        attention_mask = self._checked_mask(input_ids, attention_mask)
+        base_hidden, rollout = self._rollout(input_ids, attention_mask, thoughts, generator)
+        lm_head = self.lm.get_output_embeddings()
+        targets, valid = future_targets(input_ids, attention_mask, cfg.n_true)  # [B, L, K]
+
+        # The base prediction of x_{t+j} is made at position t+j-1.
+        base_next = token_logprobs(lm_head(base_hidden), targets[..., 0])  # [B, L]
+        base_logprobs = torch.stack([F.pad(base_next[:, j:], (0, j)) for j in range(cfg.n_true)], dim=-1)  # [B, L, K]
+        base_for_target = torch.stack([F.pad(base_hidden[:, j:], (0, 0, 0, j)) for j in range(cfg.n_true)], dim=2)
+
+        post = rollout.post_hidden  # [B, L, R, K, H]
+        talk_hidden, weights = self.mixing_head(base_for_target[:, :, None].expand_as(post), post)
+        talk_logprobs = token_logprobs(lm_head(talk_hidden), targets[:, :, None].expand(weights.shape))  # [B, L, R, K]
+
+        base_nll = nll(base_logprobs[..., 0], valid[..., 0])
+        talk_nll = nll(talk_logprobs, valid[:, :, None, :])
+        rewards = thought_rewards(talk_logprobs.detach(), valid)
+        policy_loss, reward_mean = reinforce_loss(rewards, rollout.thought_logprobs, valid[..., 0], cfg.positive_rewards_only)
+        loss = cfg.base_loss_weight * base_nll + cfg.talk_loss_weight * talk_nll + cfg.policy_loss_weight * policy_loss
+        return QuietStarOutput(
+            loss=loss,
+            base_nll=base_nll.detach(),
+            talk_nll=talk_nll.detach(),
+            policy_loss=policy_loss.detach(),
+            reward_mean=reward_mean,
+            mixing_weight_mean=masked_mean(weights.detach(), valid[:, :, None, :]),
+            base_logprobs=base_logprobs.detach(),
+            talk_logprobs=talk_logprobs.detach().masked_fill(~valid[:, :, None, :], 0.0),
+            target_mask=valid,
+            thoughts=rollout.thoughts,
+            rewards=rewards,
+            mixing_weights=weights.detach(),
+        )

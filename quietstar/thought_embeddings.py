@@ -1,0 +1,43 @@
+"""The learned start-of-thought / end-of-thought embeddings.
+
+The markers are not vocabulary entries: they are two vectors fed to the model
+through ``inputs_embeds``. The base model's vocabulary, embedding matrix and LM
+head stay untouched, so the sampler can never emit a marker and the saved base
+weights load with a stock ``AutoModelForCausalLM``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ThoughtEmbeddings(nn.Module):
+    """``<sot>`` and ``<eot>``, each a learned vector of shape [hidden]."""
+
+    def __init__(self, init: torch.Tensor) -> None:
+        super().__init__()
+        if init.ndim != 1:
+            raise ValueError(f"ThoughtEmbeddings: init must have shape [hidden], got {tuple(init.shape)}")
+        self.start = nn.Parameter(init.detach().clone())
+        self.end = nn.Parameter(init.detach().clone())
+
+    @classmethod
+    def from_text(cls, embedding: nn.Embedding, tokenizer, text: str) -> "ThoughtEmbeddings":
+        """Initialise both markers to the mean input embedding of the tokens of ``text``."""
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) == 0:
+            raise ValueError(f"QuietStarConfig.marker_init_text: {text!r} tokenizes to no tokens")
+        if max(ids) >= embedding.num_embeddings:
+            raise ValueError(
+                f"QuietStarConfig.marker_init_text: {text!r} has token id {max(ids)} outside the model's "
+                f"{embedding.num_embeddings}-row embedding matrix (tokenizer/model mismatch?)"
+            )
+        with torch.no_grad():
+            init = embedding.weight[torch.tensor(ids, device=embedding.weight.device)].mean(dim=0)
+        return cls(init)
+
+    def expand(self, which: str, batch: int, length: int) -> torch.Tensor:
+        """The ``start`` or ``end`` vector broadcast to [batch, length, hidden]."""
+        vector = self.start if which == "start" else self.end
+        return vector.view(1, 1, -1).expand(batch, length, -1)

@@ -1,0 +1,126 @@
+"""Small offline fixtures and the independent, one-position-at-a-time computations the tests compare against."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, PreTrainedTokenizerFast, Qwen2Config
+
+WORDS = ["<pad>", "<unk>", "<eos>", "---"] + [str(i) for i in range(10)] + (
+    "the a sum of is and plus minus times equals x y so then we get half twice number".split()
+)
+FAMILIES = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A whitespace word-level tokenizer over ``WORDS``."""
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
+
+
+def tiny_lm(family: str = "llama", seed: int = 0, attn: str = "sdpa", **overrides):
+    """A random 2-layer model of the given family, fp32, vocabulary = ``WORDS``."""
+    torch.manual_seed(seed)
+    settings = dict(
+        vocab_size=len(WORDS),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=0.1,
+    )
+    settings.update(overrides)
+    config = FAMILIES[family](**settings)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
+
+
+def padded_batch(seed: int = 0, lengths=(8, 5), vocab: int = len(WORDS)):
+    """Random right-padded ids [B, L] and attention mask [B, L]."""
+    g = torch.Generator().manual_seed(seed)
+    length = max(lengths)
+    ids = torch.randint(3, vocab, (len(lengths), length), generator=g)
+    mask = torch.zeros_like(ids)
+    for b, n in enumerate(lengths):
+        mask[b, :n] = 1
+        ids[b, n:] = 0
+    return ids, mask
+
+
+def sequence_hidden(lm, embeds: torch.Tensor) -> torch.Tensor:
+    """Plain HF decoder over one unpadded sequence of embeddings [T, H] -> last hidden [T, H]."""
+    return lm.get_decoder()(inputs_embeds=embeds[None]).last_hidden_state[0]
+
+
+def independent_greedy_thought(lm, start: torch.Tensor, prefix: torch.Tensor, thought_len: int) -> list[int]:
+    """Greedy thought after ``prefix`` [t+1]: plain model on [x_<=t, <sot>], decoding one token at a time."""
+    embed = lm.get_input_embeddings()
+    seq = torch.cat([embed(prefix), start[None]], dim=0)
+    tokens = []
+    for _ in range(thought_len):
+        logits = lm(inputs_embeds=seq[None]).logits[0, -1]
+        token = int(logits.argmax())
+        tokens.append(token)
+        seq = torch.cat([seq, embed(torch.tensor([token]))], dim=0)
+    return tokens
+
+
+def independent_thought_pass(model, ids_b: torch.Tensor, t: int, thought: torch.Tensor, n_targets: int):
+    """One position's thought as a plain sequence [x_<=t, <sot>, z, <eot>, x_{t+1..t+n_targets-1}].
+
+    Returns (post-thought hidden states [n_targets, H] predicting x_{t+1..t+n_targets},
+    hidden states [M, H] at <sot>, z_1..z_{M-1} that predict the thought tokens).
+    """
+    lm = model.lm
+    embed = lm.get_input_embeddings()
+    parts = [
+        embed(ids_b[: t + 1]),
+        model.start_embedding[None],
+        embed(thought),
+        model.end_embedding[None],
+        embed(ids_b[t + 1 : t + n_targets]),
+    ]
+    hidden = sequence_hidden(lm, torch.cat(parts, dim=0))
+    m = thought.shape[0]
+    return hidden[t + 2 + m : t + 2 + m + n_targets], hidden[t + 1 : t + 1 + m]
+
+
+def independent_losses(model, ids: torch.Tensor, mask: torch.Tensor, thoughts: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Quiet-STaR losses computed position by position from ``independent_thought_pass``."""
+    cfg = model.config
+    lm_head = model.lm.get_output_embeddings()
+    base_terms, talk_terms, policy_terms = [], [], []
+    for b in range(ids.shape[0]):
+        n = int(mask[b].sum())
+        seq = ids[b, :n]
+        base_hidden = sequence_hidden(model.lm, model.lm.get_input_embeddings()(seq))  # [n, H]
+        base_lp = F.log_softmax(lm_head(base_hidden), dim=-1)
+        base_terms += [-base_lp[t, seq[t + 1]] for t in range(n - 1)]
+        for t in range(n - 1):
+            k = min(cfg.n_true, n - 1 - t)
+            scores, thought_lps = [], []
+            for r in range(cfg.n_thoughts):
+                post, policy_hidden = independent_thought_pass(model, seq, t, thoughts[b, t, r], k)
+                h_base = base_hidden[t : t + k]
+                w = model.mixing_head.mlp(torch.cat([h_base, post], dim=-1))
+                talk = F.log_softmax(lm_head(h_base + w * (post - h_base)), dim=-1)
+                lp = talk[torch.arange(k), seq[t + 1 : t + 1 + k]]
+                talk_terms += list(-lp)
+                scores.append(lp.sum())
+                policy = F.log_softmax(lm_head(policy_hidden) / cfg.policy_temperature, dim=-1)
+                thought_lps.append(policy[torch.arange(cfg.thought_len), thoughts[b, t, r]].sum())
+            scores = torch.stack(scores).detach()
+            rewards = scores - scores.mean()
+            if cfg.positive_rewards_only:
+                rewards = rewards.clamp(min=0)
+            policy_terms += [-rewards[r] * thought_lps[r] for r in range(cfg.n_thoughts)]
+    out = {
+        "base_nll": torch.stack(base_terms).mean(),
+        "talk_nll": torch.stack(talk_terms).mean(),
+        "policy_loss": torch.stack(policy_terms).mean(),
+    }
+    out["loss"] = cfg.base_loss_weight * out["base_nll"] + cfg.talk_loss_weight * out["talk_nll"] + cfg.policy_loss_weight * out["policy_loss"]
+    return out

@@ -1,0 +1,135 @@
+"""Behaviour of QuietStarModel at initialisation, its rewards, sampling, parameter groups and input errors."""
+
+import pytest
+import torch
+from helpers import WORDS, padded_batch, tiny_lm, tiny_tokenizer
+from transformers import AutoModelForCausalLM, GPT2Config
+
+from quietstar import QuietStarConfig, QuietStarModel, build_param_groups
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return QuietStarModel(tiny_lm("llama"), tiny_tokenizer(), QuietStarConfig(thought_len=3, n_true=2))
+
+
+def test_markers_are_initialised_from_the_init_text(model):
+    embedding = model.lm.get_input_embeddings().weight
+    dashes = WORDS.index("---")
+    assert model.start_embedding.shape == model.end_embedding.shape == (32,)
+    assert torch.equal(model.start_embedding.data, embedding[dashes])
+    assert torch.equal(model.end_embedding.data, embedding[dashes])
+    assert isinstance(model.start_embedding, torch.nn.Parameter)
+
+
+def test_talk_equals_base_at_initialisation(model):
+    ids, mask = padded_batch()
+    out = model(ids, mask, generator=torch.Generator().manual_seed(0))
+    valid = out.target_mask[:, :, None, :].expand_as(out.talk_logprobs)
+    base = out.base_logprobs[:, :, None, :].expand_as(out.talk_logprobs)
+    assert valid.sum() > 0
+    assert torch.equal(out.talk_logprobs[valid], base[valid])
+    assert torch.equal(out.talk_nll, out.base_nll) is False or model.config.n_true == 1  # talk NLL averages K targets
+    assert float(out.mixing_weight_mean) == 0.0
+    assert torch.isfinite(out.loss)
+    # base NLL is the plain model's next-token NLL
+    logits = model.lm(input_ids=ids, attention_mask=mask).logits
+    lp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    keep = mask[:, 1:].bool()
+    torch.testing.assert_close(out.base_nll, -lp[keep].mean())
+
+
+def test_backward_reaches_lm_markers_and_head(model):
+    ids, mask = padded_batch()
+    model(ids, mask, generator=torch.Generator().manual_seed(0)).loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+    assert model.lm.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+    assert model.mixing_head.mlp[-1].weight.grad.abs().sum() > 0  # at init, through the last layer
+
+    # Once the head is off zero the thought matters: markers and the whole head get gradients.
+    model.zero_grad()
+    with torch.no_grad():
+        model.mixing_head.mlp[-1].weight.normal_(0, 0.1)
+    out = model(ids, mask, generator=torch.Generator().manual_seed(0))
+    out.loss.backward()
+    assert model.start_embedding.grad.abs().sum() > 0
+    assert model.end_embedding.grad.abs().sum() > 0
+    assert model.mixing_head.mlp[0].weight.grad.abs().sum() > 0
+    assert out.policy_loss != 0
+
+
+def test_rewards_sum_to_zero_over_thoughts(model):
+    model.config = QuietStarConfig(thought_len=3, n_true=2, n_thoughts=3)
+    with torch.no_grad():
+        model.mixing_head.mlp[-1].weight.normal_(0, 0.5)
+    ids, mask = padded_batch()
+    out = model(ids, mask, generator=torch.Generator().manual_seed(0))
+    assert out.rewards.shape == (2, 8, 3)
+    assert out.rewards.abs().max() > 1e-3
+    torch.testing.assert_close(out.rewards.sum(dim=-1), torch.zeros(2, 8), atol=1e-5, rtol=0)
+    assert out.reward_mean > 0  # positive rewards only: the mean of max(r, 0)
+
+
+def test_sampling_is_reproducible_and_varies(model):
+    ids, mask = padded_batch()
+    a = model.sample_thoughts(ids, mask, generator=torch.Generator().manual_seed(7))
+    b = model.sample_thoughts(ids, mask, generator=torch.Generator().manual_seed(7))
+    c = model.sample_thoughts(ids, mask, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.shape == (2, 8, 2, 3) and int(a.min()) >= 0 and int(a.max()) < len(WORDS)
+
+
+def test_forward_metrics_are_floats(model):
+    ids, mask = padded_batch()
+    metrics = model(ids, mask).metrics()
+    assert set(metrics) == {"loss", "base_nll", "talk_nll", "policy_loss", "reward_mean", "mixing_weight_mean"}
+    assert all(isinstance(v, float) for v in metrics.values())
+
+
+def test_param_groups_put_the_multiplier_on_the_markers(model):
+    groups = build_param_groups(model, lr=1e-6, weight_decay=0.001)
+    by_name = {g["name"]: g for g in groups}
+    assert by_name["thought_embeddings"]["lr"] == pytest.approx(1e-4)
+    assert {id(p) for p in by_name["thought_embeddings"]["params"]} == {id(model.start_embedding), id(model.end_embedding)}
+    n_params = sum(len(g["params"]) for g in groups)
+    assert n_params == len(list(model.parameters()))
+    optimizer = torch.optim.AdamW(groups)
+    assert [g["lr"] for g in optimizer.param_groups] == [1e-6, pytest.approx(1e-4)]
+
+
+def test_unsupported_family_is_rejected():
+    gpt2 = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=len(WORDS), n_embd=32, n_layer=1, n_head=2))
+    with pytest.raises(ValueError, match="unsupported model family 'gpt2'.*llama, mistral, qwen2"):
+        QuietStarModel(gpt2, tiny_tokenizer())
+
+
+def test_tokenizer_model_mismatch_is_rejected():
+    with pytest.raises(ValueError, match="tokenizer/model mismatch"):
+        QuietStarModel(tiny_lm("llama", vocab_size=10), tiny_tokenizer())
+
+
+def test_marker_text_that_tokenizes_to_nothing_is_rejected():
+    with pytest.raises(ValueError, match="marker_init_text"):
+        QuietStarModel(tiny_lm("llama"), tiny_tokenizer(), QuietStarConfig(marker_init_text="   x"[:3]))
+
+
+def test_bad_inputs_are_rejected(model):
+    ids, mask = padded_batch()
+    left = mask.flip(dims=[1])
+    with pytest.raises(ValueError, match="right padded"):
+        model(ids, left)
+    empty = mask.clone()
+    empty[1] = 0
+    with pytest.raises(ValueError, match="row 1 of attention_mask has no tokens"):
+        model(ids, empty)
+    with pytest.raises(ValueError, match=r"thoughts must have shape"):
+        model(ids, mask, thoughts=torch.zeros(2, 8, 2, 5, dtype=torch.long))
+
+
+def test_sliding_window_overflow_is_rejected():
+    model = QuietStarModel(tiny_lm("mistral", sliding_window=12), tiny_tokenizer(), QuietStarConfig(thought_len=3, n_true=2))
+    ids, mask = padded_batch()
+    with pytest.raises(ValueError, match="sliding window"):
+        model(ids, mask)
