@@ -89,7 +89,7 @@ class QuietStarModel(LatentReasoningModel):
         """The learned ``<eot>`` embedding, shape [hidden]."""
         return self.thought_embeddings.end
 
-    def _checked_mask(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    def _validate_inputs(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """Validate the inputs and return the [B, L] attention mask (all ones when None)."""
         if self.training and self.lm.is_activation_checkpointing:
             # HF layers drop past_key_values under checkpointing in training mode; the thought blocks need them.
@@ -138,7 +138,7 @@ class QuietStarModel(LatentReasoningModel):
         log-probs and the post-thought hidden states [B, L, R, K, H]).
         ``thoughts`` [B, L, R, M], if given, is teacher-forced instead of sampled.
         """
-        return self._rollout(input_ids, self._checked_mask(input_ids, attention_mask), thoughts, generator)
+        return self._rollout(input_ids, self._validate_inputs(input_ids, attention_mask), thoughts, generator)
 
     def _rollout(
         self,
@@ -146,11 +146,22 @@ class QuietStarModel(LatentReasoningModel):
         attention_mask: torch.Tensor,
         thoughts: torch.LongTensor | None,
         generator: torch.Generator | None,
+        continuation: bool = True,
+        greedy: bool = False,
     ) -> tuple[torch.Tensor, ThoughtRollout]:
         cache = DynamicCache()
         base_hidden = self._base_pass(input_ids, attention_mask, cache)
         rollout = rollout_thoughts(
-            self.lm, self.thought_embeddings, self.config, input_ids, attention_mask, cache, thoughts=thoughts, generator=generator
+            self.lm,
+            self.thought_embeddings,
+            self.config,
+            input_ids,
+            attention_mask,
+            cache,
+            thoughts=thoughts,
+            continuation=continuation,
+            greedy=greedy,
+            generator=generator,
         )
         return base_hidden, rollout
 
@@ -166,20 +177,8 @@ class QuietStarModel(LatentReasoningModel):
 
         Entries at padding positions are computed like the others and carry no meaning.
         """
-        attention_mask = self._checked_mask(input_ids, attention_mask)
-        cache = DynamicCache()
-        self._base_pass(input_ids, attention_mask, cache)
-        rollout = rollout_thoughts(
-            self.lm,
-            self.thought_embeddings,
-            self.config,
-            input_ids,
-            attention_mask,
-            cache,
-            continuation=False,
-            greedy=greedy,
-            generator=generator,
-        )
+        attention_mask = self._validate_inputs(input_ids, attention_mask)
+        _, rollout = self._rollout(input_ids, attention_mask, None, generator, continuation=False, greedy=greedy)
         return rollout.thoughts
 
     def forward(
@@ -199,7 +198,7 @@ class QuietStarModel(LatentReasoningModel):
             generator: RNG for sampling the thoughts.
         """
         cfg = self.config
-        attention_mask = self._checked_mask(input_ids, attention_mask)
+        attention_mask = self._validate_inputs(input_ids, attention_mask)
         base_hidden, rollout = self._rollout(input_ids, attention_mask, thoughts, generator)
         lm_head = self.lm.get_output_embeddings()
         targets, valid = future_targets(input_ids, attention_mask, cfg.n_true)  # [B, L, K]
