@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from quietstar.cli_config import is_int, is_number, require
+from quietstar.thought_attention import BACKENDS
+
+FORMULATIONS = ("efficient", "sequential")
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,14 @@ class QuietStarConfig:
             embeddings relative to the rest of the model.
         mixing_head_width: hidden width of the mixing head's MLP.
         marker_init_text: text whose mean token embedding initialises both markers.
+        formulation: ``efficient`` samples the thoughts without gradients and
+            replays the step in one forward with block-structured attention
+            (``thought_sampler``); ``sequential`` runs one forward per thought
+            block with dense masks (``sequential_thoughts``, the test oracle).
+            Both compute the same losses and gradients.
+        attention_backend: kernel of the efficient formulation's thought
+            attention: ``flex`` (FlexAttention block masks; CUDA), ``torch``
+            (plain tensor ops; any device) or ``auto`` (flex on CUDA, else torch).
     """
 
     thought_len: int = 12
@@ -44,6 +55,8 @@ class QuietStarConfig:
     thought_lr_multiplier: float = 100.0
     mixing_head_width: int = 256
     marker_init_text: str = "---"
+    formulation: str = "efficient"
+    attention_backend: str = "auto"
 
     def __post_init__(self) -> None:
         require(is_int(self.thought_len) and self.thought_len >= 1, self, "thought_len", "must be an integer >= 1")
@@ -75,6 +88,8 @@ class QuietStarConfig:
             "marker_init_text",
             "must be a non-empty string",
         )
+        require(self.formulation in FORMULATIONS, self, "formulation", f"must be one of {', '.join(FORMULATIONS)}")
+        require(self.attention_backend in BACKENDS, self, "attention_backend", f"must be one of {', '.join(BACKENDS)}")
 
     @property
     def n_blocks(self) -> int:

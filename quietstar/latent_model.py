@@ -26,6 +26,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from quietstar.thought_attention import base_attention
+
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2")
 SUPPORTED_ATTENTION = ("eager", "sdpa")
 FORMAT_VERSION = 1
@@ -38,7 +40,7 @@ def check_base_model(lm: PreTrainedModel, tokenizer) -> None:
         raise ValueError(
             f"unsupported model family {family!r} ({type(lm).__name__}); supported: {', '.join(SUPPORTED_FAMILIES)}"
         )
-    attention = lm.config._attn_implementation
+    attention = base_attention(lm)
     if attention not in SUPPORTED_ATTENTION:
         raise ValueError(
             f"attention implementation {attention!r} cannot take the thought attention mask; "

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+LOGPROB_CHUNK_ROWS = 1024  # hidden rows turned into [rows, V] logits at a time by chunked_token_logprobs
 
 
 def future_targets(input_ids: torch.LongTensor, attention_mask: torch.Tensor, n_true: int) -> tuple[torch.LongTensor, torch.Tensor]:
@@ -25,9 +29,38 @@ def future_targets(input_ids: torch.LongTensor, attention_mask: torch.Tensor, n_
     return targets, valid
 
 
-def token_logprobs(logits: torch.Tensor, targets: torch.LongTensor) -> torch.Tensor:
-    """log p(target) under ``logits`` [..., V], computed in fp32; returns [...]."""
-    return F.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in fp32, or kept in fp64 when it already is."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.LongTensor, temperature: float = 1.0) -> torch.Tensor:
+    """log p(target) under ``logits`` [..., V] / ``temperature``, computed in at least fp32; returns [...]."""
+    return F.log_softmax(at_least_fp32(logits) / temperature, dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+
+
+def chunked_token_logprobs(
+    lm_head: nn.Module, hidden: torch.Tensor, targets: torch.LongTensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """``token_logprobs(lm_head(hidden), targets, temperature)`` without keeping [..., V] logits.
+
+    The rows of ``hidden`` [..., H] go through the LM head ``LOGPROB_CHUNK_ROWS`` at a
+    time; with gradients on, each chunk is activation-checkpointed, so backward keeps
+    only ``hidden`` and recomputes one chunk's logits at a time. Returns [...]
+    (the shape of ``targets``).
+    """
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    flat_targets = targets.reshape(-1)
+
+    def piece(h: torch.Tensor, t: torch.LongTensor) -> torch.Tensor:
+        return token_logprobs(lm_head(h), t, temperature)
+
+    differentiable = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in lm_head.parameters()))
+    out = []
+    for start in range(0, flat_hidden.shape[0], LOGPROB_CHUNK_ROWS):
+        h, t = flat_hidden[start : start + LOGPROB_CHUNK_ROWS], flat_targets[start : start + LOGPROB_CHUNK_ROWS]
+        out.append(checkpoint(piece, h, t, use_reentrant=False) if differentiable else piece(h, t))
+    return torch.cat(out).view(targets.shape)
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

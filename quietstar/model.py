@@ -2,8 +2,10 @@
 
 One training step (``forward``), for all positions t of a batch at once:
   1. base pass over the text -> h_base [B, L, H] and the base NLL;
-  2. thought blocks (``thought_sampler``): <sot>, z_1..z_M, <eot>, x_{t+1..t+K-1}
+  2. thought blocks: <sot>, z_1..z_M, <eot>, x_{t+1..t+K-1}
      -> policy log-probs of z and post-thought hidden states [B, L, R, K, H];
+     by default sampled without gradients and replayed in one forward
+     (``thought_sampler``), or one forward per block (``sequential_thoughts``);
   3. mixing head: talk hidden = h_base + w * (h_thought - h_base) -> talk log-probs;
   4. losses: talk NLL, rewards with the mean-over-thoughts baseline, REINFORCE.
 """
@@ -14,14 +16,16 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
 
 from quietstar.config import QuietStarConfig
 from quietstar.latent_model import LatentReasoningModel
-from quietstar.losses import future_targets, masked_mean, nll, reinforce_loss, thought_rewards, token_logprobs
+from quietstar.losses import chunked_token_logprobs, future_targets, masked_mean, nll, reinforce_loss, thought_rewards
 from quietstar.mixing_head import MixingHead
+from quietstar.sequential_thoughts import sequential_rollout
+from quietstar.thought_attention import install_thought_attention
 from quietstar.thought_embeddings import ThoughtEmbeddings
-from quietstar.thought_sampler import ThoughtRollout, rollout_thoughts
+from quietstar.thought_sampler import ThoughtRollout, replay_thoughts, sample_thoughts
 
 
 @dataclass
@@ -74,6 +78,7 @@ class QuietStarModel(LatentReasoningModel):
 
     def __init__(self, base_model: PreTrainedModel, tokenizer, config: QuietStarConfig | None = None) -> None:
         super().__init__(base_model, tokenizer, config if config is not None else QuietStarConfig())
+        install_thought_attention(base_model)
         embedding = base_model.get_input_embeddings()
         like = {"device": embedding.weight.device, "dtype": embedding.weight.dtype}
         self.thought_embeddings = ThoughtEmbeddings.from_text(embedding, tokenizer, self.config.marker_init_text).to(**like)
@@ -91,9 +96,12 @@ class QuietStarModel(LatentReasoningModel):
 
     def _validate_inputs(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """Validate the inputs and return the [B, L] attention mask (all ones when None)."""
-        if self.training and self.lm.is_activation_checkpointing:
-            # HF layers drop past_key_values under checkpointing in training mode; the thought blocks need them.
-            raise ValueError("gradient checkpointing is not supported by the sequential thought formulation; disable it")
+        if self.config.formulation == "sequential" and self.training and self.lm.is_activation_checkpointing:
+            # HF layers drop past_key_values under checkpointing in training mode; the sequential blocks need them.
+            raise ValueError(
+                "gradient checkpointing is not supported by the sequential thought formulation; "
+                "disable it or use formulation='efficient'"
+            )
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must have shape [B, L], got {list(input_ids.shape)}")
         if attention_mask is None:
@@ -114,15 +122,6 @@ class QuietStarModel(LatentReasoningModel):
                 "use shorter sequences or thoughts"
             )
         return attention_mask
-
-    def _base_pass(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
-        """The unchanged model over the text; fills ``cache``. Returns h_base [B, L, H]."""
-        batch, length = input_ids.shape
-        positions = torch.arange(length, device=input_ids.device).expand(batch, length)
-        out = self.lm.get_decoder()(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, past_key_values=cache, use_cache=True
-        )
-        return out.last_hidden_state
 
     def rollout(
         self,
@@ -146,24 +145,33 @@ class QuietStarModel(LatentReasoningModel):
         attention_mask: torch.Tensor,
         thoughts: torch.LongTensor | None,
         generator: torch.Generator | None,
-        continuation: bool = True,
-        greedy: bool = False,
     ) -> tuple[torch.Tensor, ThoughtRollout]:
-        cache = DynamicCache()
-        base_hidden = self._base_pass(input_ids, attention_mask, cache)
-        rollout = rollout_thoughts(
-            self.lm,
-            self.thought_embeddings,
-            self.config,
-            input_ids,
-            attention_mask,
-            cache,
-            thoughts=thoughts,
-            continuation=continuation,
-            greedy=greedy,
-            generator=generator,
+        cfg = self.config
+        if cfg.formulation == "sequential":
+            return sequential_rollout(
+                self.lm, self.thought_embeddings, cfg, input_ids, attention_mask, thoughts=thoughts, generator=generator
+            )
+        if thoughts is None:
+            thoughts = self._sample(input_ids, attention_mask, greedy=False, generator=generator)
+        return replay_thoughts(
+            self.lm, self.thought_embeddings, cfg, input_ids, attention_mask, thoughts, backend=cfg.attention_backend
         )
-        return base_hidden, rollout
+
+    def _sample(
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor, greedy: bool, generator: torch.Generator | None
+    ) -> torch.LongTensor:
+        cfg = self.config
+        if cfg.formulation == "sequential":
+            with torch.no_grad():
+                _, rollout = sequential_rollout(
+                    self.lm, self.thought_embeddings, cfg, input_ids, attention_mask,
+                    continuation=False, greedy=greedy, generator=generator,
+                )
+            return rollout.thoughts
+        return sample_thoughts(
+            self.lm, self.thought_embeddings, cfg, input_ids, attention_mask,
+            backend=cfg.attention_backend, greedy=greedy, generator=generator,
+        )
 
     @torch.no_grad()
     def sample_thoughts(
@@ -177,9 +185,7 @@ class QuietStarModel(LatentReasoningModel):
 
         Entries at padding positions are computed like the others and carry no meaning.
         """
-        attention_mask = self._validate_inputs(input_ids, attention_mask)
-        _, rollout = self._rollout(input_ids, attention_mask, None, generator, continuation=False, greedy=greedy)
-        return rollout.thoughts
+        return self._sample(input_ids, self._validate_inputs(input_ids, attention_mask), greedy, generator)
 
     def forward(
         self,
@@ -204,13 +210,13 @@ class QuietStarModel(LatentReasoningModel):
         targets, valid = future_targets(input_ids, attention_mask, cfg.n_true)  # [B, L, K]
 
         # The base prediction of x_{t+j} is made at position t+j-1.
-        base_next = token_logprobs(lm_head(base_hidden), targets[..., 0])  # [B, L]
+        base_next = chunked_token_logprobs(lm_head, base_hidden, targets[..., 0])  # [B, L]
         base_logprobs = torch.stack([F.pad(base_next[:, j:], (0, j)) for j in range(cfg.n_true)], dim=-1)  # [B, L, K]
         base_for_target = torch.stack([F.pad(base_hidden[:, j:], (0, 0, 0, j)) for j in range(cfg.n_true)], dim=2)
 
         post = rollout.post_hidden  # [B, L, R, K, H]
         talk_hidden, weights = self.mixing_head(base_for_target[:, :, None].expand_as(post), post)
-        talk_logprobs = token_logprobs(lm_head(talk_hidden), targets[:, :, None].expand(weights.shape))  # [B, L, R, K]
+        talk_logprobs = chunked_token_logprobs(lm_head, talk_hidden, targets[:, :, None].expand(weights.shape))  # [B, L, R, K]
 
         base_nll = nll(base_logprobs[..., 0], valid[..., 0])
         talk_nll = nll(talk_logprobs, valid[:, :, None, :])

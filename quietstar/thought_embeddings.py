@@ -37,7 +37,12 @@ class ThoughtEmbeddings(nn.Module):
             init = embedding.weight[torch.tensor(ids, device=embedding.weight.device)].mean(dim=0)
         return cls(init)
 
-    def expand(self, which: str, batch: int, length: int) -> torch.Tensor:
-        """The ``start`` or ``end`` vector broadcast to [batch, length, hidden]."""
+    def forward(self, which: str, batch: int, length: int) -> torch.Tensor:
+        """The ``start`` or ``end`` vector broadcast to [batch, length, hidden].
+
+        A forward (not a plain method) so that DeepSpeed ZeRO-3 gathers the vectors.
+        """
+        if which not in ("start", "end"):
+            raise ValueError(f"ThoughtEmbeddings: which must be 'start' or 'end', got {which!r}")
         vector = self.start if which == "start" else self.end
         return vector.view(1, 1, -1).expand(batch, length, -1)

@@ -1,30 +1,37 @@
-"""Token-parallel thought sampling under the diagonal attention mask.
+"""Token-parallel thought sampling, and the one-pass replay that trains on it.
 
-After every text position t, a thought is generated for all L positions at once.
-With R thoughts per position the batch is expanded to B*R rows, and the model
-runs one forward per *block*: a block holds one new token for each of the L
-positions. The blocks after the text are, in order:
+After every text position t a thought is generated for all L positions at once.
+With R thoughts per position the batch is expanded to B*R rows. The thought side
+of a step is a sequence of *blocks*, each holding one token for every position:
 
     block 0          <sot>
     blocks 1..M      z_1 .. z_M              (sampled, or given)
     block M+1        <eot>                   (predicts x_{t+1})
     blocks M+2..     x_{t+1} .. x_{t+K-1}    (teacher forced; predict x_{t+2..t+K})
 
-A token of block k at position t attends to the text tokens at positions <= t
-(causal, padding excluded) and to the tokens of blocks 0..k at the same t, and
-to nothing else. Drawn over the keys [text | block 0 | ... | block k] that is a
-causal matrix followed by k+1 diagonals: the *diagonal attention mask*. The
-token of block k at position t gets position id t + 1 + k, as if the thought
-were text inserted after x_t. So every position's chain sees exactly the inputs
-and positions of the plain sequence ``[x_<=t, <sot>, z, <eot>, x_{t+1..}]``.
+The token of block k at position t attends to the text at positions <= t and to
+blocks 0..k at the same t (the *diagonal attention mask*, ``thought_attention``)
+and has position id t + 1 + k, as if the thought were text inserted after x_t.
+Each position's chain therefore sees exactly the plain sequence
+``[x_<=t, <sot>, z, <eot>, x_{t+1..}]``.
 
-This module is the straightforward ("sequential") formulation: one forward per
-block on a growing KV cache, with a dense [L, L*(k+2)] mask per block. It is
-exact, and it is the reference any faster formulation must match.
+The efficient formulation, used by default, splits a training step in two:
+
+  1. ``sample_thoughts`` (no gradients): the text pass fills a KV cache, then one
+     forward per thought block adds L tokens that attend to the text and to their
+     own position's earlier blocks. Cost per block ~ L^2 + k*L, not (k*L)^2.
+  2. ``replay_thoughts`` (differentiable): a single forward over
+     [text | block 0 | ... | block M+K] with the same inputs, positions and mask
+     rule. It gives the base hidden states, the policy log-probabilities of the
+     thought tokens and the post-thought hidden states. One forward without a
+     cache works with gradient checkpointing and DeepSpeed ZeRO-3.
+
+``sequential_thoughts`` keeps the straightforward formulation as the test oracle.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +39,8 @@ import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
 
 from quietstar.config import QuietStarConfig
+from quietstar.losses import chunked_token_logprobs
+from quietstar.thought_attention import ThoughtLayout, thought_attention_mask
 from quietstar.thought_embeddings import ThoughtEmbeddings
 
 
@@ -52,28 +61,6 @@ class ThoughtRollout:
     post_hidden: torch.Tensor | None = None
 
 
-def diagonal_thought_mask(text_mask: torch.Tensor, n_blocks: int, dtype: torch.dtype) -> torch.Tensor:
-    """Additive attention mask for one thought block.
-
-    Args:
-        text_mask: [N, L] bool, True on real (non-padding) text tokens.
-        n_blocks: number of thought blocks in the cache including the one being fed.
-        dtype: dtype of the model's attention scores.
-    Returns:
-        [N, 1, L, L * (1 + n_blocks)]: 0 where a query may attend, the dtype's
-        minimum elsewhere. Keys are ordered [text | block 0 | ... | block n_blocks-1].
-    """
-    n, length = text_mask.shape
-    positions = torch.arange(length, device=text_mask.device)
-    causal = positions[None, :] <= positions[:, None]  # [L_query, L_key]
-    text_part = causal[None] & text_mask[:, None, :]  # [N, L, L]
-    diagonal = torch.eye(length, dtype=torch.bool, device=text_mask.device).expand(n, length, length)
-    allowed = torch.cat([text_part] + [diagonal] * n_blocks, dim=-1)
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=text_mask.device)
-    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[:, None]
-
-
 def choose_tokens(
     logits: torch.Tensor, greedy: bool, temperature: float, generator: torch.Generator | None
 ) -> torch.LongTensor:
@@ -85,101 +72,130 @@ def choose_tokens(
     return flat.view(logits.shape[:-1])
 
 
-class _BlockRunner:
-    """Feeds thought blocks, one forward each, onto the text's KV cache (expanded to B*R rows)."""
-
-    def __init__(self, lm: PreTrainedModel, cache: DynamicCache, attention_mask: torch.Tensor, n_thoughts: int) -> None:
-        self.decoder = lm.get_decoder()
-        self.cache = cache
-        self.cache.batch_repeat_interleave(n_thoughts)
-        self.text_mask = attention_mask.bool().repeat_interleave(n_thoughts, dim=0)  # [B*R, L]
-        self.dtype = lm.get_input_embeddings().weight.dtype
-        self.n_fed = 0
-
-    def __call__(self, embeds: torch.Tensor) -> torch.Tensor:
-        """embeds: [B*R, L, H] block inputs -> [B*R, L, H] last hidden states."""
-        rows, length = self.text_mask.shape
-        mask = diagonal_thought_mask(self.text_mask, self.n_fed + 1, self.dtype)
-        positions = torch.arange(length, device=embeds.device) + 1 + self.n_fed
-        out = self.decoder(
-            inputs_embeds=embeds.to(self.dtype),
-            attention_mask=mask,
-            position_ids=positions.expand(rows, length),
-            past_key_values=self.cache,
-            use_cache=True,
-        )
-        self.n_fed += 1
-        return out.last_hidden_state
+def check_thoughts_shape(thoughts: torch.Tensor, batch: int, length: int, config: QuietStarConfig) -> None:
+    expected = (batch, length, config.n_thoughts, config.thought_len)
+    if tuple(thoughts.shape) != expected:
+        raise ValueError(f"thoughts must have shape [B, L, R, M] = {list(expected)}, got {list(thoughts.shape)}")
 
 
-def rollout_thoughts(
+def true_continuation(input_ids: torch.LongTensor, j: int) -> torch.LongTensor:
+    """x_{t+j} at every position t: [B, L], 0 past the end."""
+    return F.pad(input_ids[:, j:], (0, j), value=0)
+
+
+@contextmanager
+def _inference_mode(lm: PreTrainedModel):
+    """Sampling is inference: no dropout, and HF keeps the KV cache even when activation checkpointing is on."""
+    was_training = lm.training
+    lm.eval()
+    try:
+        yield
+    finally:
+        lm.train(was_training)
+
+
+@torch.no_grad()
+def sample_thoughts(
     lm: PreTrainedModel,
     markers: ThoughtEmbeddings,
     config: QuietStarConfig,
     input_ids: torch.LongTensor,
     attention_mask: torch.Tensor,
-    text_cache: DynamicCache,
     *,
-    thoughts: torch.LongTensor | None = None,
-    continuation: bool = True,
+    backend: str = "auto",
     greedy: bool = False,
     generator: torch.Generator | None = None,
-) -> ThoughtRollout:
-    """Run the thought blocks for every position of a batch, in parallel.
+) -> torch.LongTensor:
+    """Sample R thoughts of M tokens after every position: [B, L, R, M].
 
     Args:
-        lm: the base causal LM.
-        markers: the <sot>/<eot> embeddings.
-        config: M, K, R and the temperatures.
-        input_ids: [B, L] text, right padded.
-        attention_mask: [B, L], 1 on real tokens.
-        text_cache: KV cache holding the text (the base pass), batch B. It is
-            expanded in place to B*R rows and extended with the thought blocks.
-        thoughts: [B, L, R, M] thought tokens to teacher-force instead of sampling.
-        continuation: also feed <eot> and the true tokens, and compute the policy
-            log-probabilities; False stops once the M thought tokens are chosen.
-        greedy: argmax instead of sampling (ignored when ``thoughts`` is given).
-        generator: RNG for sampling.
+        input_ids: [B, L] text, right padded; attention_mask: [B, L], 1 on real tokens.
+        backend: thought attention backend (``thought_attention.BACKENDS``).
+        greedy: argmax instead of sampling at ``config.sample_temperature``.
+    """
+    batch, length = input_ids.shape
+    R, M = config.n_thoughts, config.thought_len
+    rows = batch * R
+    decoder, lm_head, embed = lm.get_decoder(), lm.get_output_embeddings(), lm.get_input_embeddings()
+    dtype = embed.weight.dtype
+    text_mask = attention_mask.bool().repeat_interleave(R, dim=0)  # [B*R, L]
+    positions = torch.arange(length, device=input_ids.device)
+
+    with _inference_mode(lm):
+        cache = DynamicCache()
+        decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions.expand(batch, length),
+                past_key_values=cache, use_cache=True)
+        cache.batch_repeat_interleave(R)
+
+        def feed(block: int, embeds: torch.Tensor) -> torch.Tensor:
+            """Thought block ``block`` [B*R, L, H] onto the cache -> last hidden states [B*R, L, H]."""
+            layout = ThoughtLayout(length, first_query_segment=block + 1)
+            mask = thought_attention_mask(text_mask, layout, 1, block + 2, backend)
+            out = decoder(inputs_embeds=embeds.to(dtype), attention_mask=mask,
+                          position_ids=(positions + 1 + block).expand(rows, length),
+                          past_key_values=cache, use_cache=True, thought_layout=layout)
+            return out.last_hidden_state
+
+        hidden = feed(0, markers("start", rows, length))
+        tokens = []
+        for i in range(M):
+            token = choose_tokens(lm_head(hidden), greedy, config.sample_temperature, generator)  # z_{i+1}: [B*R, L]
+            tokens.append(token)
+            if i < M - 1:
+                hidden = feed(i + 1, embed(token))
+    return torch.stack(tokens, dim=-1).view(batch, R, length, M).transpose(1, 2)
+
+
+def replay_thoughts(
+    lm: PreTrainedModel,
+    markers: ThoughtEmbeddings,
+    config: QuietStarConfig,
+    input_ids: torch.LongTensor,
+    attention_mask: torch.Tensor,
+    thoughts: torch.LongTensor,
+    *,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, ThoughtRollout]:
+    """One differentiable forward over the text and all thought blocks.
+
+    Args:
+        input_ids: [B, L]; attention_mask: [B, L] (right padded).
+        thoughts: [B, L, R, M] the thought tokens to teacher-force.
+    Returns:
+        h_base [B, L, H] (the text segment) and the rollout with the policy
+        log-probs [B, L, R, M] and the post-thought hidden states [B, L, R, K, H].
     """
     batch, length = input_ids.shape
     R, M, K = config.n_thoughts, config.thought_len, config.n_true
-    rows = batch * R
-    embed = lm.get_input_embeddings()
-    lm_head = lm.get_output_embeddings()
-    given = None
-    if thoughts is not None:
-        expected = (batch, length, R, M)
-        if tuple(thoughts.shape) != expected:
-            raise ValueError(f"thoughts must have shape [B, L, R, M] = {list(expected)}, got {list(thoughts.shape)}")
-        given = thoughts.permute(0, 2, 1, 3).reshape(rows, length, M)  # [B*R, L, M]
+    check_thoughts_shape(thoughts, batch, length, config)
+    rows, n_blocks = batch * R, config.n_blocks
+    decoder, lm_head, embed = lm.get_decoder(), lm.get_output_embeddings(), lm.get_input_embeddings()
+    dtype = embed.weight.dtype
 
-    run = _BlockRunner(lm, text_cache, attention_mask, R)
-    hidden = run(markers.expand("start", rows, length))  # block 0: <sot>
-    tokens, logprobs = [], []
-    for i in range(M):
-        logits = lm_head(hidden).float()  # [B*R, L, V]: predicts z_{i+1}
-        token = given[:, :, i] if given is not None else choose_tokens(logits.detach(), greedy, config.sample_temperature, generator)
-        tokens.append(token)
-        if continuation:
-            log_policy = F.log_softmax(logits / config.policy_temperature, dim=-1)
-            logprobs.append(log_policy.gather(-1, token[..., None]).squeeze(-1))
-        if continuation or i < M - 1:
-            hidden = run(embed(token))  # blocks 1..M: z_{i+1}
-
-    def per_position(x: torch.Tensor) -> torch.Tensor:
-        """[B*R, L, n, ...] -> [B, L, R, n, ...]."""
-        return x.reshape(batch, R, *x.shape[1:]).transpose(1, 2)
-
-    sampled = per_position(torch.stack(tokens, dim=2))
-    if not continuation:
-        return ThoughtRollout(thoughts=sampled)
-
-    post = [run(markers.expand("end", rows, length))]  # block M+1: <eot>
-    for j in range(1, K):
-        true_next = F.pad(input_ids[:, j:], (0, j), value=0).repeat_interleave(R, dim=0)  # x_{t+j}; 0 past the end
-        post.append(run(embed(true_next)))
-    return ThoughtRollout(
-        thoughts=sampled,
-        thought_logprobs=per_position(torch.stack(logprobs, dim=2)),
-        post_hidden=per_position(torch.stack(post, dim=2)),
+    # Each of the R rows of an example repeats the text: the text segment costs 1/(1 + n_blocks) of the
+    # forward, and every row then reads the text from its own copy (the gradients sum to the same total).
+    ids = input_ids.repeat_interleave(R, dim=0)  # [B*R, L]
+    z = thoughts.transpose(1, 2).reshape(rows, length, M)  # [B*R, L, M]
+    continuation = [true_continuation(ids, j) for j in range(1, K)]
+    segments = (
+        [embed(ids), markers("start", rows, length)]
+        + list(embed(z).unbind(dim=2))
+        + [markers("end", rows, length)]
+        + [embed(x) for x in continuation]
     )
+    embeds = torch.cat([s.to(dtype) for s in segments], dim=1)  # [B*R, (1 + n_blocks) * L, H]
+    positions = torch.arange(length, device=input_ids.device)
+    position_ids = torch.cat([positions] + [positions + 1 + k for k in range(n_blocks)]).expand(rows, -1)
+
+    layout = ThoughtLayout(length, first_query_segment=0)
+    text_mask = attention_mask.bool().repeat_interleave(R, dim=0)
+    mask = thought_attention_mask(text_mask, layout, 1 + n_blocks, 1 + n_blocks, backend)
+    hidden = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, use_cache=False,
+                     thought_layout=layout).last_hidden_state
+    hidden = hidden.view(batch, R, 1 + n_blocks, length, -1)  # [B, R, segment, L, H]
+
+    base_hidden = hidden[:, 0, 0]  # [B, L, H]: the first copy of the text
+    policy_hidden = hidden[:, :, 1 : M + 1].permute(0, 3, 1, 2, 4)  # [B, L, R, M, H]: blocks 0..M-1 predict z_1..z_M
+    thought_logprobs = chunked_token_logprobs(lm_head, policy_hidden, thoughts, config.policy_temperature)
+    post_hidden = hidden[:, :, M + 2 :].permute(0, 3, 1, 2, 4)  # [B, L, R, K, H]: <eot>, x_{t+1..t+K-1}
+    return base_hidden, ThoughtRollout(thoughts=thoughts, thought_logprobs=thought_logprobs, post_hidden=post_hidden)

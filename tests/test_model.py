@@ -118,14 +118,6 @@ def test_marker_text_that_tokenizes_to_nothing_is_rejected():
         ThoughtEmbeddings.from_text(tiny_lm("llama").get_input_embeddings(), empty_tokenizer, "@@")
 
 
-def test_gradient_checkpointing_is_refused_rather_than_silently_wrong(model):
-    model.lm.activation_checkpointing_enable()
-    model.train()
-    ids, mask = padded_batch()
-    with pytest.raises(ValueError, match="gradient checkpointing"):
-        model(ids, mask)
-
-
 def test_bad_inputs_are_rejected(model):
     ids, mask = padded_batch()
     left = mask.flip(dims=[1])

@@ -1,0 +1,208 @@
+"""The efficient formulation (sample, then one-pass replay) against the sequential oracle.
+
+Both run on the same weights and the same thoughts; the losses and the gradient of
+every parameter must agree in fp32 to a relative tolerance of 1e-5.
+"""
+
+import pytest
+import torch
+from helpers import padded_batch, tiny_lm, tiny_tokenizer
+
+from quietstar import QuietStarConfig, QuietStarModel
+from torch.nn.attention.flex_attention import flex_attention
+
+from quietstar.thought_attention import ThoughtLayout, segment_attention, thought_block_mask
+
+RTOL = 1e-5
+WELL_CONDITIONED = ("loss", "base_nll", "talk_nll", "mixing_weight_mean")
+
+
+def trained_looking_model(family: str, formulation: str, dtype=torch.float32, **config) -> QuietStarModel:
+    """A tiny model whose markers and mixing head are off their initial values, so every loss term is live."""
+    torch.manual_seed(3)
+    model = QuietStarModel(tiny_lm(family), tiny_tokenizer(), QuietStarConfig(formulation=formulation, **config))
+    with torch.no_grad():
+        model.start_embedding.add_(0.3 * torch.randn_like(model.start_embedding))
+        model.end_embedding.add_(0.3 * torch.randn_like(model.end_embedding))
+        for p in model.mixing_head.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return model.to(dtype)
+
+
+def step(model: QuietStarModel, ids, mask, thoughts):
+    model.zero_grad()
+    out = model(ids, mask, thoughts=thoughts)
+    out.loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    return out, grads
+
+
+def close(actual, expected, name, rtol=RTOL, scale=None):
+    """``actual`` == ``expected`` to ``rtol`` of each entry, or of ``scale`` (default: the largest |expected|)."""
+    scale = float(expected.abs().max()) if scale is None else scale
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * scale, msg=lambda m: f"{name}: {m}")
+
+
+def assert_same_step(reference, candidate, thought_logprobs):
+    """Losses, per-token log-probs, rewards and every parameter's gradient agree.
+
+    The rewards are differences of talk log-prob sums, and the policy loss is a
+    mean of terms r * sum_i log p(z_i) that cancel; their tolerance is relative
+    to the size of those sums and terms (an fp32 reward near 0 cannot carry 1e-5
+    of itself). ``thought_logprobs`` [B, L, R, M] is the oracle's, for that scale.
+    """
+    (ref_out, ref_grads), (out, grads) = reference, candidate
+    for name in WELL_CONDITIONED:
+        close(getattr(out, name), getattr(ref_out, name), name, scale=0.0)
+    close(out.talk_logprobs, ref_out.talk_logprobs, "talk_logprobs")
+    score = float(ref_out.talk_logprobs.sum(dim=-1).abs().max())  # the log-prob sums the rewards are differences of
+    close(out.rewards, ref_out.rewards, "rewards", scale=score)
+    close(out.reward_mean, ref_out.reward_mean, "reward_mean", scale=score)
+    terms = (ref_out.rewards.abs() * thought_logprobs.detach().sum(dim=-1).abs())[ref_out.target_mask[..., 0]]
+    close(out.policy_loss, ref_out.policy_loss, "policy_loss", scale=float(terms.mean()))
+    assert ref_grads.keys() == grads.keys()
+    for name, ref in ref_grads.items():
+        assert float(ref.abs().max()) > 0, f"{name} got no gradient"
+        close(grads[name], ref, name)  # relative to the gradient's own scale
+
+
+CASES = [  # family, R, M, K: every M in 1..8, every K in 1..4, R in {2, 3}, two families
+    ("llama", 2, 1, 1),
+    ("qwen2", 3, 2, 2),
+    ("llama", 2, 3, 3),
+    ("qwen2", 2, 4, 4),
+    ("llama", 3, 5, 1),
+    ("qwen2", 2, 6, 3),
+    ("llama", 2, 7, 2),
+    ("qwen2", 3, 8, 4),
+]
+
+
+@pytest.mark.parametrize("family,R,M,K", CASES)
+@pytest.mark.parametrize("positive_only", [True, False])
+def test_efficient_step_matches_sequential_oracle(family, R, M, K, positive_only):
+    settings = dict(thought_len=M, n_true=K, n_thoughts=R, positive_rewards_only=positive_only, policy_temperature=1.5)
+    oracle = trained_looking_model(family, "sequential", **settings)
+    efficient = trained_looking_model(family, "efficient", **settings)
+    ids, mask = padded_batch(seed=M, lengths=(9, 6, 3))  # right padding of several lengths
+    thoughts = oracle.sample_thoughts(ids, mask, generator=torch.Generator().manual_seed(M))
+    reference = step(oracle, ids, mask, thoughts)
+    assert float(reference[0].policy_loss) != 0.0
+    with torch.no_grad():
+        (ref_base, ref_rollout), (base, rollout) = oracle.rollout(ids, mask, thoughts=thoughts), efficient.rollout(ids, mask, thoughts=thoughts)
+    valid = mask.bool()
+    close(base[valid], ref_base[valid], "h_base")
+    close(rollout.post_hidden[valid], ref_rollout.post_hidden[valid], "post_hidden")
+    close(rollout.thought_logprobs[valid], ref_rollout.thought_logprobs[valid], "thought_logprobs")
+    assert_same_step(reference, step(efficient, ids, mask, thoughts), ref_rollout.thought_logprobs)
+
+
+@pytest.mark.parametrize("family,R,M,K", CASES[1::3])
+def test_in_float64_the_reward_terms_match_to_1e_5_of_themselves(family, R, M, K):
+    """Without fp32 rounding in the log-prob sums, the rewards, the policy loss and
+    ``reward_mean`` agree entry by entry too. (HF's RMSNorm computes in fp32 even
+    in a float64 model, so gradients keep fp32-level differences; they are checked
+    against their scale as above.)"""
+    settings = dict(thought_len=M, n_true=K, n_thoughts=R, positive_rewards_only=False)
+    oracle = trained_looking_model(family, "sequential", torch.float64, **settings)
+    efficient = trained_looking_model(family, "efficient", torch.float64, **settings)
+    ids, mask = padded_batch(seed=M, lengths=(9, 6, 3))
+    thoughts = oracle.sample_thoughts(ids, mask, generator=torch.Generator().manual_seed(M))
+    (ref_out, ref_grads), (out, grads) = step(oracle, ids, mask, thoughts), step(efficient, ids, mask, thoughts)
+    for name in WELL_CONDITIONED + ("policy_loss", "reward_mean"):
+        close(getattr(out, name), getattr(ref_out, name), name, scale=0.0)
+    close(out.rewards, ref_out.rewards, "rewards", scale=0.0)
+    for name, ref in ref_grads.items():
+        close(grads[name], ref, name)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_efficient_sampling_matches_sequential_sampling(family):
+    settings = dict(thought_len=5, n_true=2, n_thoughts=3)
+    oracle = trained_looking_model(family, "sequential", **settings)
+    efficient = trained_looking_model(family, "efficient", **settings)
+    ids, mask = padded_batch(lengths=(8, 4))
+    valid = mask.bool()
+    greedy = efficient.sample_thoughts(ids, mask, greedy=True)
+    assert torch.equal(greedy[valid], oracle.sample_thoughts(ids, mask, greedy=True)[valid])
+    # Sampling: the same generator draws the same uniforms, and the logits agree to ~1e-6.
+    sampled = efficient.sample_thoughts(ids, mask, generator=torch.Generator().manual_seed(0))
+    expected = oracle.sample_thoughts(ids, mask, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sampled[valid], expected[valid])
+
+
+def test_gradient_checkpointing_gives_the_same_step():
+    settings = dict(thought_len=3, n_true=2)
+    plain = trained_looking_model("llama", "efficient", **settings).train()
+    checkpointed = trained_looking_model("llama", "efficient", **settings).train()
+    checkpointed.lm.activation_checkpointing_enable()
+    ids, mask = padded_batch(lengths=(8, 5))
+    thoughts = plain.sample_thoughts(ids, mask, generator=torch.Generator().manual_seed(0))
+    # Sampling under checkpointing still runs on the KV cache (it switches to inference mode) ...
+    assert torch.equal(checkpointed.sample_thoughts(ids, mask, greedy=True), plain.sample_thoughts(ids, mask, greedy=True))
+    assert checkpointed.training and checkpointed.lm.training
+    # ... and the replay recomputes each layer in backward.
+    with torch.no_grad():
+        thought_logprobs = plain.rollout(ids, mask, thoughts=thoughts)[1].thought_logprobs
+    assert_same_step(step(plain, ids, mask, thoughts), step(checkpointed, ids, mask, thoughts), thought_logprobs)
+
+
+def test_sequential_formulation_refuses_gradient_checkpointing():
+    model = trained_looking_model("llama", "sequential", thought_len=2, n_true=2).train()
+    model.lm.activation_checkpointing_enable()
+    ids, mask = padded_batch()
+    with pytest.raises(ValueError, match="gradient checkpointing is not supported by the sequential"):
+        model(ids, mask)
+
+
+def dense_reference(query, key, value, text_mask, layout, scaling):
+    """Attention with an explicit [S_q*L, S_k*L] mask built position by position (small sizes only)."""
+    n, heads, q_len, dim = query.shape
+    length = layout.length
+    key = key.repeat_interleave(heads // key.shape[1], dim=1)
+    value = value.repeat_interleave(heads // value.shape[1], dim=1)
+    allowed = torch.zeros(n, q_len, key.shape[2], dtype=torch.bool)
+    for q in range(q_len):
+        q_segment, q_pos = q // length + layout.first_query_segment, q % length
+        for k in range(key.shape[2]):
+            k_segment, k_pos = k // length, k % length
+            if k_segment == 0:
+                allowed[:, q, k] = text_mask[:, k_pos] & (k_pos <= q_pos)
+            else:
+                allowed[:, q, k] = (k_pos == q_pos) and (k_segment <= q_segment)
+    scores = (query @ key.transpose(-1, -2)) * scaling
+    probs = torch.softmax(scores.masked_fill(~allowed[:, None], float("-inf")), dim=-1)
+    return (probs @ value).transpose(1, 2)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("first_segment,q_segments,k_segments", [(0, 4, 4), (3, 1, 4), (1, 1, 2)])
+def test_thought_attention_kernels_match_a_dense_mask(first_segment, q_segments, k_segments):
+    g = torch.Generator().manual_seed(0)
+    length, n, heads, kv_heads, dim = 5, 2, 4, 2, 8
+    layout = ThoughtLayout(length, first_query_segment=first_segment)
+    query = torch.randn(n, heads, q_segments * length, dim, generator=g)
+    key = torch.randn(n, kv_heads, k_segments * length, dim, generator=g)
+    value = torch.randn(n, kv_heads, k_segments * length, dim, generator=g)
+    text_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    expected = dense_reference(query, key, value, text_mask, layout, 0.3)
+    torch.testing.assert_close(segment_attention(query, key, value, text_mask, layout, 0.3), expected)
+    # FlexAttention's mask_mod states the same rule (run eagerly here: it has no CPU backward).
+    block_mask = thought_block_mask(text_mask, layout, q_segments, k_segments)
+    with torch.no_grad():
+        flex = flex_attention(query, key, value, block_mask=block_mask, scale=0.3, enable_gqa=True).transpose(1, 2)
+    torch.testing.assert_close(flex, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_backend_forward_matches_torch_backend():
+    settings = dict(thought_len=3, n_true=2)
+    torch_model = trained_looking_model("llama", "efficient", attention_backend="torch", **settings)
+    flex_model = trained_looking_model("llama", "efficient", attention_backend="flex", **settings)
+    ids, mask = padded_batch(lengths=(8, 5))
+    thoughts = torch_model.sample_thoughts(ids, mask, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got = torch_model(ids, mask, thoughts=thoughts), flex_model(ids, mask, thoughts=thoughts)
+        for name in WELL_CONDITIONED + ("policy_loss",):
+            torch.testing.assert_close(getattr(got, name), getattr(expected, name), rtol=1e-5, atol=1e-6)
+        assert torch.equal(flex_model.sample_thoughts(ids, mask, greedy=True), torch_model.sample_thoughts(ids, mask, greedy=True))
