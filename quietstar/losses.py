@@ -53,7 +53,8 @@ def chunked_token_logprobs(
     flat_targets = targets.reshape(-1)
 
     def piece(h: torch.Tensor, t: torch.LongTensor) -> torch.Tensor:
-        return token_logprobs(lm_head(h), t, temperature)
+        # The head is bias-free, so lm_head(h / T) = lm_head(h) / T: divide [rows, H], not [rows, V].
+        return token_logprobs(lm_head(h / temperature if temperature != 1.0 else h), t)
 
     differentiable = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in lm_head.parameters()))
     out = []

@@ -14,10 +14,15 @@ at position t attends to
 So a query needs L text scores plus at most one score per thought segment. This
 module computes exactly those, never an [S*L, S*L] mask or score matrix:
 
-  * ``segment_attention`` (any device): the text part is one batched matmul
-    [S_q*L, L]; the per-position part is [L, S_q, S_k-1]. Cost ~ S_q*L^2 + S_q*S_k*L.
-  * ``thought_block_mask`` + FlexAttention (GPU): the same rule as a ``mask_mod``;
-    the block-sparse kernel skips every 128x128 tile that the rule leaves empty.
+  * ``cpu_flash`` (CPU): the text part is ordinary causal attention for every
+    query segment, run by PyTorch's fused CPU flash-attention kernel (no score
+    matrix is stored); the per-position part is small, [S_q, L, S_k-1]. The two
+    are merged exactly through their log-sum-exps, forward and backward.
+  * ``torch`` (any device): plain tensor ops; the text scores [S_q*L, L] and the
+    per-position scores [S_q*L, S_k-1] are materialised per layer and recomputed
+    in backward. Cost ~ S_q*L^2 + S_q*S_k*L.
+  * ``flex`` (CUDA): the same rule as a FlexAttention ``mask_mod``; the
+    block-sparse kernel skips every 128x128 tile that the rule leaves empty.
 
 ``ThoughtLayout`` tells the attention function which segments the queries are.
 It travels from the decoder call to every attention layer as a keyword argument
@@ -33,12 +38,13 @@ import inspect
 from dataclasses import dataclass
 
 import torch
+from torch.utils.checkpoint import checkpoint
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
 PREFIX = "quietstar_"
-BACKENDS = ("auto", "torch", "flex")
+BACKENDS = ("auto", "flex", "cpu_flash", "torch")
 
 # Compiled lazily by torch on its first call; FlexAttention is only fast when compiled.
 _compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
@@ -54,18 +60,22 @@ class ThoughtLayout:
             are segments ``first_query_segment, first_query_segment + 1, ...``.
             0 when the text itself is among the queries (the one-pass replay),
             k + 1 when feeding thought block k onto a cache of the earlier ones.
+        backend: the attention kernel, resolved (``flex``, ``cpu_flash`` or ``torch``).
     """
 
     length: int
     first_query_segment: int
+    backend: str
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """``auto`` -> ``flex`` on CUDA, ``torch`` elsewhere (FlexAttention has no CPU backward)."""
+    """``auto`` -> ``flex`` on CUDA, ``cpu_flash`` on CPU, ``torch`` elsewhere."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown thought attention backend {backend!r}; choose from {', '.join(BACKENDS)}")
     if backend == "auto":
-        return "flex" if device.type == "cuda" else "torch"
+        return {"cuda": "flex", "cpu": "cpu_flash"}.get(device.type, "torch")
+    if backend == "cpu_flash" and device.type != "cpu":
+        raise ValueError(f"the cpu_flash thought attention backend runs on the CPU only, not {device.type}")
     return backend
 
 
@@ -93,15 +103,15 @@ def thought_block_mask(text_mask: torch.Tensor, layout: ThoughtLayout, n_query_s
 
 
 def thought_attention_mask(
-    text_mask: torch.Tensor, layout: ThoughtLayout, n_query_segments: int, n_key_segments: int, backend: str
+    text_mask: torch.Tensor, layout: ThoughtLayout, n_query_segments: int, n_key_segments: int
 ) -> torch.Tensor | BlockMask:
     """What to pass as the decoder's ``attention_mask`` for a thought forward.
 
     transformers hands a 4D mask through to the attention function unchanged, so
-    this is either the [N, 1, 1, L] text padding mask (``torch`` backend) or a
-    ``BlockMask`` (``flex``). Neither grows with the number of segments squared.
+    this is either a ``BlockMask`` (``flex``) or the [N, 1, 1, L] text padding mask.
+    Neither grows with the number of segments squared.
     """
-    if resolve_backend(backend, text_mask.device) == "flex":
+    if layout.backend == "flex":
         return thought_block_mask(text_mask.bool(), layout, n_query_segments, n_key_segments)
     return text_mask.bool()[:, None, None, :]
 
@@ -122,7 +132,18 @@ def segment_attention(
         text_mask: [N, L] bool, True on real text tokens.
     Returns:
         [N, S_q*L, H, D], the layout transformers' attention functions return.
+
+    With gradients on, the [S_q*L, L + S_k - 1] probabilities are recomputed in
+    backward instead of kept (they would be most of a layer's activations, while
+    the attention is a small part of its FLOPs).
     """
+    differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    if differentiable and dropout == 0.0:
+        return checkpoint(_segment_attention, query, key, value, text_mask, layout, scaling, dropout, use_reentrant=False)
+    return _segment_attention(query, key, value, text_mask, layout, scaling, dropout)
+
+
+def _segment_attention(query, key, value, text_mask, layout, scaling, dropout):
     n, heads, q_len, dim = query.shape
     kv_heads, length = key.shape[1], layout.length
     groups, s_q, s_k = heads // kv_heads, q_len // length, key.shape[2] // length
@@ -157,6 +178,107 @@ def segment_attention(
     return out.reshape(n, heads, q_len, dim).transpose(1, 2)
 
 
+def _own_position_parts(query, key, value, layout):
+    """Split a thought forward's attention inputs into its two parts.
+
+    Returns q [N, H, S_q, L, D]; the text keys/values [N, H, L, D]; the
+    per-position keys/values [N, H, L, S_k-1, D] (K/V heads repeated for GQA);
+    and own_allowed [S_q, S_k-1], True where query segment s may see key segment j.
+    """
+    n, heads, q_len, dim = query.shape
+    kv_heads, length = key.shape[1], layout.length
+    s_q, s_k = q_len // length, key.shape[2] // length
+    if s_q * length != q_len or s_k * length != key.shape[2]:
+        raise ValueError(f"query/key lengths {q_len}/{key.shape[2]} are not multiples of the segment length {length}")
+    key, value = (x.repeat_interleave(heads // kv_heads, dim=1) if heads != kv_heads else x for x in (key, value))
+    q = query.view(n, heads, s_q, length, dim)
+    k_own = key[:, :, length:].unflatten(2, (s_k - 1, length)).transpose(2, 3)
+    v_own = value[:, :, length:].unflatten(2, (s_k - 1, length)).transpose(2, 3)
+    q_segments = layout.first_query_segment + torch.arange(s_q, device=query.device)
+    k_segments = 1 + torch.arange(s_k - 1, device=query.device)
+    own_allowed = k_segments[None, :] <= q_segments[:, None]
+    return q, key[:, :, :length], value[:, :, :length], k_own, v_own, own_allowed
+
+
+def _fold_segments(x: torch.Tensor) -> torch.Tensor:
+    """[N, H, S, L, D] -> [N*S, H, L, D]: every segment becomes a batch row of causal attention."""
+    return x.transpose(1, 2).flatten(0, 1)
+
+
+def _unfold_segments(x: torch.Tensor, n: int) -> torch.Tensor:
+    """[N*S, H, L, ...] -> [N, H, S, L, ...]."""
+    return x.unflatten(0, (n, -1)).transpose(1, 2)
+
+
+class _CpuFlashSegmentAttention(torch.autograd.Function):
+    """The ``cpu_flash`` kernel: fused causal text attention + explicit per-position part.
+
+    For query (s, t) the key set is text[<= t] plus own segments 1..s at t. The
+    text part runs through ``aten._scaled_dot_product_flash_attention_for_cpu``
+    (blocked, causal, returns its log-sum-exp lse_1); the per-position scores are
+    [S_q, L, S_k-1] and give lse_2. The exact output is
+    ``exp(lse_1 - lse) * out_1 + softmax-part_2`` with ``lse = logaddexp(lse_1, lse_2)``.
+    Backward is flash-attention's: with the merged output O and merged lse, the
+    fused backward kernel returns the text part's gradients exactly, and the
+    per-position part's are computed the same way by hand.
+
+    Padding: text is right padded, so a real position t never reaches a padding
+    key through ``t' <= t``; padding positions' outputs carry no meaning.
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, value, layout, scaling):
+        n = query.shape[0]
+        q, k_text, v_text, k_own, v_own, own_allowed = _own_position_parts(query, key, value, layout)
+        s_q = q.shape[2]
+        expand = (lambda x: x[:, :, None].expand(-1, -1, s_q, -1, -1))  # text K/V for every query segment
+        out_1, lse_1 = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            _fold_segments(q), _fold_segments(expand(k_text)), _fold_segments(expand(v_text)), 0.0, True, scale=scaling
+        )
+        out_1, lse_1 = _unfold_segments(out_1, n), _unfold_segments(lse_1, n)  # [N, H, S_q, L, D], [N, H, S_q, L]
+        scores_2 = _own_scores(q, k_own, own_allowed, scaling)  # [N, H, S_q, L, S_k-1]
+        lse = torch.logaddexp(lse_1, torch.logsumexp(scores_2, dim=-1))
+        probs_2 = torch.exp(scores_2 - lse[..., None]).to(q.dtype)
+        out = torch.exp(lse_1 - lse)[..., None].to(q.dtype) * out_1 + torch.einsum("nhslk,nhlkd->nhsld", probs_2, v_own)
+        ctx.save_for_backward(query, key, value, out, lse)
+        ctx.layout, ctx.scaling = layout, scaling
+        return out.flatten(2, 3).transpose(1, 2)  # [N, S_q*L, H, D]
+
+    @staticmethod
+    def backward(ctx, grad):
+        query, key, value, out, lse = ctx.saved_tensors
+        n, heads, kv_heads = query.shape[0], query.shape[1], key.shape[1]
+        q, k_text, v_text, k_own, v_own, own_allowed = _own_position_parts(query, key, value, ctx.layout)
+        s_q = q.shape[2]
+        grad = grad.transpose(1, 2).unflatten(2, (s_q, -1))  # [N, H, S_q, L, D]
+        expand = (lambda x: x[:, :, None].expand(-1, -1, s_q, -1, -1))
+        dq_1, dk_1, dv_1 = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            _fold_segments(grad.contiguous()), _fold_segments(q), _fold_segments(expand(k_text)),
+            _fold_segments(expand(v_text)), _fold_segments(out), _fold_segments(lse[..., None]).squeeze(-1),
+            0.0, True, scale=ctx.scaling,
+        )
+        # The per-position part, as flash-attention's backward does it: dS = P * (dP - rowsum(dO * O)).
+        probs_2 = torch.exp(_own_scores(q, k_own, own_allowed, ctx.scaling) - lse[..., None]).to(q.dtype)
+        d_scores = probs_2 * (torch.einsum("nhsld,nhlkd->nhslk", grad, v_own) - (grad * out).sum(-1, keepdim=True))
+        dq = _unfold_segments(dq_1, n) + ctx.scaling * torch.einsum("nhslk,nhlkd->nhsld", d_scores, k_own)
+        dk_own = ctx.scaling * torch.einsum("nhslk,nhsld->nhlkd", d_scores, q)
+        dv_own = torch.einsum("nhslk,nhsld->nhlkd", probs_2, grad)
+        dk_text = _unfold_segments(dk_1, n).sum(dim=2)
+        dv_text = _unfold_segments(dv_1, n).sum(dim=2)
+        dkey = torch.cat([dk_text, dk_own.transpose(2, 3).flatten(2, 3)], dim=2)
+        dvalue = torch.cat([dv_text, dv_own.transpose(2, 3).flatten(2, 3)], dim=2)
+        if heads != kv_heads:  # sum the repeated heads back onto their K/V head
+            dkey, dvalue = (x.unflatten(1, (kv_heads, heads // kv_heads)).sum(dim=2) for x in (dkey, dvalue))
+        return dq.flatten(2, 3), dkey, dvalue, None, None
+
+
+def _own_scores(q, k_own, own_allowed, scaling):
+    """Scores of each query against its own position's thought keys, -inf where not allowed: [N, H, S_q, L, S_k-1]."""
+    scores = torch.einsum("nhsld,nhlkd->nhslk", q, k_own)
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * scaling
+    return scores.masked_fill(~own_allowed[:, None, :], float("-inf"))
+
+
 def _flex_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: BlockMask, scaling: float) -> torch.Tensor:
     """FlexAttention under a thought ``BlockMask``; returns [N, S_q*L, H, D]."""
     run = _compiled_flex_attention if query.is_cuda else flex_attention  # eager FlexAttention is a CPU reference
@@ -177,10 +299,12 @@ def _dispatcher(base: str):
         if thought_layout is None:
             plain = AttentionInterface._global_mapping[base] if base != "eager" else _eager_of(module)
             return plain(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-        if isinstance(attention_mask, BlockMask):
-            if dropout > 0:
-                raise ValueError("the flex thought attention does not support attention dropout; use the torch backend")
+        if thought_layout.backend != "torch" and dropout > 0:
+            raise ValueError(f"the {thought_layout.backend} thought attention has no attention dropout; use attention_backend='torch'")
+        if thought_layout.backend == "flex":
             return _flex_attention(query, key, value, attention_mask, scaling), None
+        if thought_layout.backend == "cpu_flash":
+            return _CpuFlashSegmentAttention.apply(query, key, value, thought_layout, scaling), None
         text_mask = attention_mask[:, 0, 0, :]
         return segment_attention(query, key, value, text_mask, thought_layout, scaling, dropout), None
 

@@ -39,8 +39,8 @@ import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
 
 from quietstar.config import QuietStarConfig
-from quietstar.losses import chunked_token_logprobs
-from quietstar.thought_attention import ThoughtLayout, thought_attention_mask
+from quietstar.losses import at_least_fp32, chunked_token_logprobs
+from quietstar.thought_attention import ThoughtLayout, resolve_backend, thought_attention_mask
 from quietstar.thought_embeddings import ThoughtEmbeddings
 
 
@@ -64,12 +64,18 @@ class ThoughtRollout:
 def choose_tokens(
     logits: torch.Tensor, greedy: bool, temperature: float, generator: torch.Generator | None
 ) -> torch.LongTensor:
-    """Pick one token per row of ``logits`` [..., V]: argmax, or a sample at ``temperature``."""
+    """Pick one token per row of ``logits`` [..., V]: argmax, or a sample at ``temperature``.
+
+    Sampling inverts the CDF with one uniform per row (``torch.multinomial`` and
+    Gumbel noise draw V random numbers per row, which dominates on a CPU).
+    """
     if greedy:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    flat = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
-    return flat.view(logits.shape[:-1])
+    cdf = torch.softmax(at_least_fp32(logits) / temperature, dim=-1).cumsum(dim=-1)
+    device = generator.device if generator is not None else cdf.device
+    uniform = torch.rand(cdf.shape[:-1] + (1,), generator=generator, device=device, dtype=cdf.dtype).to(cdf.device)
+    token = torch.searchsorted(cdf, uniform * cdf[..., -1:], right=True).squeeze(-1)
+    return token.clamp(max=logits.shape[-1] - 1)
 
 
 def check_thoughts_shape(thoughts: torch.Tensor, batch: int, length: int, config: QuietStarConfig) -> None:
@@ -120,6 +126,7 @@ def sample_thoughts(
     dtype = embed.weight.dtype
     text_mask = attention_mask.bool().repeat_interleave(R, dim=0)  # [B*R, L]
     positions = torch.arange(length, device=input_ids.device)
+    kernel = resolve_backend(backend, input_ids.device)
 
     with _inference_mode(lm):
         cache = DynamicCache()
@@ -129,8 +136,8 @@ def sample_thoughts(
 
         def feed(block: int, embeds: torch.Tensor) -> torch.Tensor:
             """Thought block ``block`` [B*R, L, H] onto the cache -> last hidden states [B*R, L, H]."""
-            layout = ThoughtLayout(length, first_query_segment=block + 1)
-            mask = thought_attention_mask(text_mask, layout, 1, block + 2, backend)
+            layout = ThoughtLayout(length, first_query_segment=block + 1, backend=kernel)
+            mask = thought_attention_mask(text_mask, layout, 1, block + 2)
             out = decoder(inputs_embeds=embeds.to(dtype), attention_mask=mask,
                           position_ids=(positions + 1 + block).expand(rows, length),
                           past_key_values=cache, use_cache=True, thought_layout=layout)
@@ -187,9 +194,9 @@ def replay_thoughts(
     positions = torch.arange(length, device=input_ids.device)
     position_ids = torch.cat([positions] + [positions + 1 + k for k in range(n_blocks)]).expand(rows, -1)
 
-    layout = ThoughtLayout(length, first_query_segment=0)
+    layout = ThoughtLayout(length, first_query_segment=0, backend=resolve_backend(backend, input_ids.device))
     text_mask = attention_mask.bool().repeat_interleave(R, dim=0)
-    mask = thought_attention_mask(text_mask, layout, 1 + n_blocks, 1 + n_blocks, backend)
+    mask = thought_attention_mask(text_mask, layout, 1 + n_blocks, 1 + n_blocks)
     hidden = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, use_cache=False,
                      thought_layout=layout).last_hidden_state
     hidden = hidden.view(batch, R, 1 + n_blocks, length, -1)  # [B, R, segment, L, H]

@@ -11,7 +11,9 @@ from helpers import padded_batch, tiny_lm, tiny_tokenizer
 from quietstar import QuietStarConfig, QuietStarModel
 from torch.nn.attention.flex_attention import flex_attention
 
-from quietstar.thought_attention import ThoughtLayout, segment_attention, thought_block_mask
+from transformers import AttentionInterface
+
+from quietstar.thought_attention import ThoughtLayout, thought_attention_mask
 
 RTOL = 1e-5
 WELL_CONDITIONED = ("loss", "base_nll", "talk_nll", "mixing_weight_mean")
@@ -175,34 +177,65 @@ def dense_reference(query, key, value, text_mask, layout, scaling):
     return (probs @ value).transpose(1, 2)
 
 
+def kernel_output(backend, query, key, value, text_mask, layout, scaling):
+    """Run one thought-attention kernel through the dispatcher that transformers calls."""
+    attention = AttentionInterface._global_mapping["quietstar_sdpa"]
+    module = torch.nn.Module()
+    module.scaling, module.training = scaling, False
+    layout = ThoughtLayout(layout.length, layout.first_query_segment, backend)
+    s_q, s_k = query.shape[2] // layout.length, key.shape[2] // layout.length
+    mask = thought_attention_mask(text_mask, layout, s_q, s_k)
+    out, _ = attention(module, query, key, value, mask, scaling=scaling, thought_layout=layout)
+    return out
+
+
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("backend", ["cpu_flash", "torch", "flex"])
 @pytest.mark.parametrize("first_segment,q_segments,k_segments", [(0, 4, 4), (3, 1, 4), (1, 1, 2)])
-def test_thought_attention_kernels_match_a_dense_mask(first_segment, q_segments, k_segments):
+def test_thought_attention_kernels_match_a_dense_mask(backend, first_segment, q_segments, k_segments):
     g = torch.Generator().manual_seed(0)
     length, n, heads, kv_heads, dim = 5, 2, 4, 2, 8
-    layout = ThoughtLayout(length, first_query_segment=first_segment)
-    query = torch.randn(n, heads, q_segments * length, dim, generator=g)
-    key = torch.randn(n, kv_heads, k_segments * length, dim, generator=g)
-    value = torch.randn(n, kv_heads, k_segments * length, dim, generator=g)
-    text_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
-    expected = dense_reference(query, key, value, text_mask, layout, 0.3)
-    torch.testing.assert_close(segment_attention(query, key, value, text_mask, layout, 0.3), expected)
-    # FlexAttention's mask_mod states the same rule (run eagerly here: it has no CPU backward).
-    block_mask = thought_block_mask(text_mask, layout, q_segments, k_segments)
-    with torch.no_grad():
-        flex = flex_attention(query, key, value, block_mask=block_mask, scale=0.3, enable_gqa=True).transpose(1, 2)
-    torch.testing.assert_close(flex, expected, rtol=1e-5, atol=1e-5)
+    layout = ThoughtLayout(length, first_segment, "dense")
+    inputs = [
+        torch.randn(n, heads, q_segments * length, dim, generator=g),
+        torch.randn(n, kv_heads, k_segments * length, dim, generator=g),
+        torch.randn(n, kv_heads, k_segments * length, dim, generator=g),
+    ]
+    text_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)  # right padded
+    real = text_mask[:, None, :].expand(n, q_segments, length).reshape(n, -1)  # queries at real positions
+    weights = torch.randn(n, q_segments * length, heads, dim, generator=g)
+
+    def run(fn):
+        leaves = [x.clone().requires_grad_(backend != "flex") for x in inputs]
+        out = fn(*leaves)
+        if backend != "flex":  # FlexAttention has no CPU backward
+            (out * weights)[real].sum().backward()
+        return out[real], [x.grad for x in leaves]
+
+    expected, expected_grads = run(lambda q, k, v: dense_reference(q, k, v, text_mask, layout, 0.3))
+    got, grads = run(lambda q, k, v: kernel_output(backend, q, k, v, text_mask, layout, 0.3))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    if backend != "flex":
+        for name, grad, ref in zip("qkv", grads, expected_grads):
+            torch.testing.assert_close(grad, ref, rtol=1e-5, atol=1e-5, msg=lambda m: f"d{name}: {m}")
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-def test_flex_backend_forward_matches_torch_backend():
+@pytest.mark.parametrize("backend", ["flex", "cpu_flash"])
+def test_every_backend_gives_the_torch_backend_step(backend):
     settings = dict(thought_len=3, n_true=2)
-    torch_model = trained_looking_model("llama", "efficient", attention_backend="torch", **settings)
-    flex_model = trained_looking_model("llama", "efficient", attention_backend="flex", **settings)
+    reference = trained_looking_model("llama", "efficient", attention_backend="torch", **settings)
+    model = trained_looking_model("llama", "efficient", attention_backend=backend, **settings)
     ids, mask = padded_batch(lengths=(8, 5))
-    thoughts = torch_model.sample_thoughts(ids, mask, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected, got = torch_model(ids, mask, thoughts=thoughts), flex_model(ids, mask, thoughts=thoughts)
+    thoughts = reference.sample_thoughts(ids, mask, generator=torch.Generator().manual_seed(0))
+    greedy = reference.sample_thoughts(ids, mask, greedy=True)
+    assert torch.equal(model.sample_thoughts(ids, mask, greedy=True)[mask.bool()], greedy[mask.bool()])
+    if backend == "flex":  # FlexAttention has no CPU backward: compare the forward
+        with torch.no_grad():
+            expected, got = reference(ids, mask, thoughts=thoughts), model(ids, mask, thoughts=thoughts)
         for name in WELL_CONDITIONED + ("policy_loss",):
-            torch.testing.assert_close(getattr(got, name), getattr(expected, name), rtol=1e-5, atol=1e-6)
-        assert torch.equal(flex_model.sample_thoughts(ids, mask, greedy=True), torch_model.sample_thoughts(ids, mask, greedy=True))
+            close(getattr(got, name), getattr(expected, name), name, scale=1e-1)
+        return
+    with torch.no_grad():
+        thought_logprobs = reference.rollout(ids, mask, thoughts=thoughts)[1].thought_logprobs
+    assert_same_step(step(reference, ids, mask, thoughts), step(model, ids, mask, thoughts), thought_logprobs)

@@ -1,0 +1,277 @@
+"""Quiet-STaR training-step speed and memory: the efficient formulation vs the sequential oracle.
+
+    python benchmarks/train_step.py --json results.json          # CPU grid (~20M-parameter Llama)
+    python benchmarks/train_step.py --device cuda --json gpu.json  # GPU grid (1B-class Llama, bf16)
+
+Every row runs in a fresh subprocess, so its peak memory is its own: process RSS
+(``ru_maxrss``) on the CPU, ``torch.cuda.max_memory_allocated`` on a GPU. A step
+is forward, backward and an AdamW update; ``step_s`` is the median over
+``--steps`` steps after ``--warmup`` untimed ones. Random token ids stand in for
+text (speed does not depend on them). Generation rows compare tokens/s of
+``quietstar.generation.generate`` with thoughts on and off.
+
+Prints a table and writes a JSON list of rows:
+    kind ("train_step" | "generation"), formulation ("efficient" | "oracle"),
+    seq_len, thought_len, n_true, n_thoughts, batch_size, step_s, peak_mem_mb,
+    tokens_per_s, tflops, mfu, device, status ("ok" | "skipped: ...").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+GRIDS = {
+    "cpu": {"seq_len": [64, 128, 256], "thought_len": [4, 8, 16], "n_true": 4, "n_thoughts": 2, "batch_size": 1, "dtype": "float32"},
+    "cuda": {"seq_len": [256, 512], "thought_len": [8, 16, 24], "n_true": 4, "n_thoughts": 2, "batch_size": 2, "dtype": "bfloat16"},
+}
+MODELS = {  # fixed, randomly initialised Llama configs
+    # 23M parameters; an 8k vocabulary keeps the LM head a small share of the FLOPs, as in 1B-7B models
+    "cpu": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=6, num_attention_heads=8,
+                num_key_value_heads=8, vocab_size=8192, tie_word_embeddings=True),
+    "cuda": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                 num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False),  # TinyLlama-1.1B shape
+}
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # dense, per GPU
+
+
+def build(device: str, dtype_name: str, formulation: str, thought_len: int, n_true: int, n_thoughts: int):
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models
+
+    from quietstar import QuietStarConfig, QuietStarModel
+
+    torch.manual_seed(0)
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    config = LlamaConfig(max_position_embeddings=4096, **MODELS[kind])
+    dtype = getattr(torch, dtype_name)
+    lm = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype).to(device)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"---": 0, "<unk>": 1}, unk_token="<unk>")))
+    method = QuietStarConfig(thought_len=thought_len, n_true=n_true, n_thoughts=n_thoughts,
+                             formulation="sequential" if formulation == "oracle" else "efficient")
+    model = QuietStarModel(lm, tokenizer, method).to(device)
+    return model, config
+
+
+def step_flops(cfg, batch: int, length: int, M: int, K: int, R: int) -> float:
+    """Model FLOPs of one step: 2/token/parameter forward (x3 with backward) plus attention and logits.
+
+    Counts every token forwarded: sampling (forward only) and the trained pass,
+    with the keys each query really attends to under the diagonal mask.
+    """
+    h, layers, vocab = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
+    head_dim = h // cfg.num_attention_heads
+    q_width, kv_width = cfg.num_attention_heads * head_dim, cfg.num_key_value_heads * head_dim
+    per_token = 2 * layers * (2 * h * q_width + 2 * h * kv_width + 3 * h * cfg.intermediate_size)
+    attention_per_key = 4 * layers * q_width
+    text_keys = (length + 1) / 2  # mean causal keys over positions
+    rows = batch * R
+
+    def forward(tokens: float, keys: float, logit_tokens: float) -> float:
+        return tokens * per_token + keys * attention_per_key + logit_tokens * 2 * h * vocab
+
+    sampling = forward(batch * length, batch * length * text_keys, 0)
+    sampling += sum(forward(rows * length, rows * length * (text_keys + k + 1), rows * length) for k in range(M))
+    n_blocks = M + K + 1
+    trained = forward(batch * length, batch * length * text_keys, batch * length)
+    trained += sum(forward(rows * length, rows * length * (text_keys + k + 1), 0) for k in range(n_blocks))
+    trained += (M + K) * rows * length * 2 * h * vocab  # policy and talk logits
+    return sampling + 3 * trained
+
+
+def current_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_train_row(spec: dict) -> dict:
+    import torch
+
+    from quietstar import build_param_groups
+
+    device = spec["device"]
+    model, cfg = build(device, spec["dtype"], spec["formulation"], spec["thought_len"], spec["n_true"], spec["n_thoughts"])
+    model.train()
+    optimizer = torch.optim.AdamW(build_param_groups(model, lr=1e-6, weight_decay=0.0))
+    g = torch.Generator(device="cpu").manual_seed(0)
+    ids = torch.randint(2, cfg.vocab_size, (spec["batch_size"], spec["seq_len"]), generator=g).to(device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def one_step() -> float:
+        sync()
+        start = time.perf_counter()
+        out = model(ids)
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync()
+        return time.perf_counter() - start
+
+    for _ in range(spec["warmup"]):
+        one_step()
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    times = [one_step() for _ in range(spec["steps"])]
+    step_s = statistics.median(times)
+    if device.startswith("cuda"):
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    flops = step_flops(cfg, spec["batch_size"], spec["seq_len"], spec["thought_len"], spec["n_true"], spec["n_thoughts"])
+    row = dict(spec, step_s=step_s, peak_mem_mb=peak, tokens_per_s=spec["batch_size"] * spec["seq_len"] / step_s,
+               tflops=flops / step_s / 1e12, mfu=None, device=device_name(device), status="ok",
+               params_m=sum(p.numel() for p in model.lm.parameters()) / 1e6)
+    peak_flops = next((v for k, v in PEAK_BF16_FLOPS.items() if k in row["device"]), None)
+    if peak_flops and spec["dtype"] == "bfloat16":
+        row["mfu"] = flops / step_s / peak_flops
+    return row
+
+
+def run_generation_row(spec: dict) -> dict:
+    import torch
+
+    from quietstar.generation import generate
+
+    device = spec["device"]
+    model, cfg = build(device, spec["dtype"], "efficient", spec["thought_len"], spec["n_true"], spec["n_thoughts"])
+    model.eval()
+    g = torch.Generator(device="cpu").manual_seed(0)
+    prompt = torch.randint(2, cfg.vocab_size, (spec["batch_size"], spec["seq_len"]), generator=g).to(device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    new_tokens = spec["new_tokens"]
+
+    def once() -> float:
+        sync()
+        start = time.perf_counter()
+        generate(model, prompt, max_new_tokens=new_tokens, thoughts=spec["thoughts"], greedy=True)
+        sync()
+        return time.perf_counter() - start
+
+    once()
+    seconds = statistics.median(once() for _ in range(spec["steps"]))
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return dict(spec, formulation="thoughts" if spec["thoughts"] else "no thoughts", step_s=seconds, peak_mem_mb=peak,
+                tokens_per_s=spec["batch_size"] * new_tokens / seconds, tflops=None, mfu=None, device=device_name(device),
+                status="ok")
+
+
+def device_name(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"cpu ({os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads)"
+
+
+def run_in_subprocess(spec: dict, timeout: float) -> dict:
+    """One row in a fresh interpreter, so peak memory is this row's alone."""
+    cmd = [sys.executable, __file__, "--row", json.dumps(spec)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return dict(spec, status=f"skipped: over the {timeout:.0f} s row limit")
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        if "out of memory" in done.stderr.lower() or done.returncode in (-9, 137):
+            return dict(spec, status="skipped: does not fit in memory")
+        return dict(spec, status=f"failed: {tail}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def format_table(rows: list[dict]) -> str:
+    head = f"{'kind':<11} {'formulation':<12} {'L':>4} {'M':>3} {'step_s':>8} {'peak_mb':>8} {'tok/s':>9} {'TFLOP/s':>8} {'MFU':>6}  status"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        def num(key, fmt):
+            return format(r[key], fmt) if r.get(key) is not None else "-"
+        lines.append(
+            f"{r['kind']:<11} {r['formulation']:<12} {r['seq_len']:>4} {r['thought_len']:>3} {num('step_s', '8.3f')} "
+            f"{num('peak_mem_mb', '8.0f')} {num('tokens_per_s', '9.1f')} {num('tflops', '8.3f')} {num('mfu', '6.1%')}  {r['status']}"
+        )
+    return "\n".join(lines)
+
+
+def ratios(rows: list[dict]) -> list[str]:
+    """Efficient/oracle ratios for every grid point where both ran."""
+    out = []
+    for r in rows:
+        if r["kind"] != "train_step" or r["formulation"] != "efficient" or r["status"] != "ok":
+            continue
+        oracle = next((o for o in rows if o["kind"] == "train_step" and o["formulation"] == "oracle" and o["status"] == "ok"
+                       and o["seq_len"] == r["seq_len"] and o["thought_len"] == r["thought_len"]), None)
+        if oracle:
+            out.append(f"L={r['seq_len']:>4} M={r['thought_len']:>2}: efficient/oracle time {r['step_s'] / oracle['step_s']:.2f}, "
+                       f"peak memory {r['peak_mem_mb'] / oracle['peak_mem_mb']:.2f}")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", type=Path, help="write the rows here")
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
+    parser.add_argument("--seq-lens", type=int, nargs="+", help="override the grid's L values")
+    parser.add_argument("--thought-lens", type=int, nargs="+", help="override the grid's M values")
+    parser.add_argument("--n-true", type=int, help="override K")
+    parser.add_argument("--batch-size", type=int, help="override the batch size")
+    parser.add_argument("--formulations", nargs="+", default=["efficient", "oracle"], choices=["efficient", "oracle"])
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per row (median reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    parser.add_argument("--row-timeout", type=float, default=300.0, help="seconds before a row is skipped")
+    parser.add_argument("--generation-tokens", type=int, default=32, help="new tokens per generation row; 0 skips them")
+    parser.add_argument("--row", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.row:  # child process: one row, printed as the last line of stdout
+        spec = json.loads(args.row)
+        row = run_train_row(spec) if spec["kind"] == "train_step" else run_generation_row(spec)
+        print(json.dumps(row))
+        return
+
+    import torch
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    grid = dict(GRIDS["cuda" if device.startswith("cuda") else "cpu"])
+    grid["seq_len"] = args.seq_lens or grid["seq_len"]
+    grid["thought_len"] = args.thought_lens or grid["thought_len"]
+    grid["n_true"] = args.n_true or grid["n_true"]
+    grid["batch_size"] = args.batch_size or grid["batch_size"]
+    common = dict(device=device, dtype=grid["dtype"], n_true=grid["n_true"], n_thoughts=grid["n_thoughts"],
+                  batch_size=grid["batch_size"], steps=args.steps, warmup=args.warmup)
+    specs = [dict(common, kind="train_step", formulation=f, seq_len=L, thought_len=M)
+             for L in grid["seq_len"] for M in grid["thought_len"] for f in args.formulations]
+    if args.generation_tokens > 0:
+        M = grid["thought_len"][len(grid["thought_len"]) // 2]
+        specs += [dict(common, kind="generation", formulation="", seq_len=grid["seq_len"][0], thought_len=M,
+                       thoughts=on, new_tokens=args.generation_tokens) for on in (False, True)]
+
+    rows = []
+    started = time.perf_counter()
+    for spec in specs:
+        row = run_in_subprocess(spec, args.row_timeout)
+        row.setdefault("formulation", spec["formulation"])
+        rows.append(row)
+        print(format_table([row]).splitlines()[-1], flush=True)
+    print()
+    print(format_table(rows))
+    for line in ratios(rows):
+        print(line)
+    print(f"device: {rows[0].get('device', device)}; total {time.perf_counter() - started:.0f} s")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
