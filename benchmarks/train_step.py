@@ -3,7 +3,7 @@
     python benchmarks/train_step.py --json results.json          # CPU grid (~20M-parameter Llama)
     python benchmarks/train_step.py --device cuda --json gpu.json  # GPU grid (1B-class Llama, bf16)
 
-Every row runs in a fresh subprocess, so its peak memory is its own: process RSS
+Every row runs in a forked child process, so its peak memory is its own: process RSS
 (``ru_maxrss``) on the CPU, ``torch.cuda.max_memory_allocated`` on a GPU. A step
 is forward, backward and an AdamW update; ``step_s`` is the median over
 ``--steps`` steps after ``--warmup`` untimed ones. Random token ids stand in for
@@ -11,7 +11,8 @@ text (speed does not depend on them). Generation rows compare tokens/s of
 ``quietstar.generation.generate`` with thoughts on and off.
 
 Prints a table and writes a JSON list of rows:
-    kind ("train_step" | "generation"), formulation ("efficient" | "oracle"),
+    kind ("train_step" | "generation"), formulation ("efficient" | "oracle"; for
+    generation "thoughts" | "no thoughts"), checkpointing (activation checkpointing on),
     seq_len, thought_len, n_true, n_thoughts, batch_size, step_s, peak_mem_mb,
     tokens_per_s, tflops, mfu, device, status ("ok" | "skipped: ...").
 """
@@ -23,8 +24,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -33,7 +32,7 @@ GRIDS = {
     "cuda": {"seq_len": [256, 512], "thought_len": [8, 16, 24], "n_true": 4, "n_thoughts": 2, "batch_size": 2, "dtype": "bfloat16"},
 }
 MODELS = {  # fixed, randomly initialised Llama configs
-    # 23M parameters; an 8k vocabulary keeps the LM head a small share of the FLOPs, as in 1B-7B models
+    # 23M parameters. An 8k vocabulary keeps the LM head a modest share of the FLOPs, as it is in 1B-7B models.
     "cpu": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=6, num_attention_heads=8,
                 num_key_value_heads=8, vocab_size=8192, tie_word_embeddings=True),
     "cuda": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
@@ -103,6 +102,8 @@ def run_train_row(spec: dict) -> dict:
     device = spec["device"]
     model, cfg = build(device, spec["dtype"], spec["formulation"], spec["thought_len"], spec["n_true"], spec["n_thoughts"])
     model.train()
+    if spec["checkpointing"]:
+        model.lm.activation_checkpointing_enable()
     optimizer = torch.optim.AdamW(build_param_groups(model, lr=1e-6, weight_decay=0.0))
     g = torch.Generator(device="cpu").manual_seed(0)
     ids = torch.randint(2, cfg.vocab_size, (spec["batch_size"], spec["seq_len"]), generator=g).to(device)
@@ -174,29 +175,52 @@ def device_name(device: str) -> str:
     return f"cpu ({os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads)"
 
 
-def run_in_subprocess(spec: dict, timeout: float) -> dict:
-    """One row in a fresh interpreter, so peak memory is this row's alone."""
-    cmd = [sys.executable, __file__, "--row", json.dumps(spec)]
+def _child(spec: dict, conn) -> None:
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
+        row = run_train_row(spec) if spec["kind"] == "train_step" else run_generation_row(spec)
+        conn.send(("ok", row))
+    except Exception as error:  # reported as the row's status
+        conn.send(("error", f"{type(error).__name__}: {error}"))
+
+
+def run_row_in_child(spec: dict, timeout: float) -> dict:
+    """One row in a forked child (imports already done), so peak memory is this row's alone."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    parent, child = context.Pipe(duplex=False)
+    process = context.Process(target=_child, args=(spec, child))
+    process.start()
+    child.close()
+    if not parent.poll(timeout):
+        process.kill()
+        process.join()
         return dict(spec, status=f"skipped: over the {timeout:.0f} s row limit")
-    if done.returncode != 0:
-        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        if "out of memory" in done.stderr.lower() or done.returncode in (-9, 137):
-            return dict(spec, status="skipped: does not fit in memory")
-        return dict(spec, status=f"failed: {tail}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    try:
+        status, payload = parent.recv()
+    except EOFError:  # killed, most likely by the kernel's OOM killer
+        process.join()
+        return dict(spec, status=f"skipped: does not fit in memory (exit {process.exitcode})")
+    process.join()
+    if status == "ok":
+        return payload
+    if "out of memory" in payload.lower():
+        return dict(spec, status="skipped: does not fit in memory")
+    return dict(spec, status=f"failed: {payload}")
+
+
+def label(row: dict) -> str:
+    return row["formulation"] + ("+ckpt" if row.get("checkpointing") else "")
 
 
 def format_table(rows: list[dict]) -> str:
-    head = f"{'kind':<11} {'formulation':<12} {'L':>4} {'M':>3} {'step_s':>8} {'peak_mb':>8} {'tok/s':>9} {'TFLOP/s':>8} {'MFU':>6}  status"
+    head = f"{'kind':<11} {'formulation':<15} {'L':>4} {'M':>3} {'step_s':>8} {'peak_mb':>8} {'tok/s':>9} {'TFLOP/s':>8} {'MFU':>6}  status"
     lines = [head, "-" * len(head)]
     for r in rows:
         def num(key, fmt):
             return format(r[key], fmt) if r.get(key) is not None else "-"
         lines.append(
-            f"{r['kind']:<11} {r['formulation']:<12} {r['seq_len']:>4} {r['thought_len']:>3} {num('step_s', '8.3f')} "
+            f"{r['kind']:<11} {label(r):<15} {r['seq_len']:>4} {r['thought_len']:>3} {num('step_s', '8.3f')} "
             f"{num('peak_mem_mb', '8.0f')} {num('tokens_per_s', '9.1f')} {num('tflops', '8.3f')} {num('mfu', '6.1%')}  {r['status']}"
         )
     return "\n".join(lines)
@@ -211,7 +235,7 @@ def ratios(rows: list[dict]) -> list[str]:
         oracle = next((o for o in rows if o["kind"] == "train_step" and o["formulation"] == "oracle" and o["status"] == "ok"
                        and o["seq_len"] == r["seq_len"] and o["thought_len"] == r["thought_len"]), None)
         if oracle:
-            out.append(f"L={r['seq_len']:>4} M={r['thought_len']:>2}: efficient/oracle time {r['step_s'] / oracle['step_s']:.2f}, "
+            out.append(f"L={r['seq_len']:>4} M={r['thought_len']:>2} {label(r):<15}: /oracle time {r['step_s'] / oracle['step_s']:.2f}, "
                        f"peak memory {r['peak_mem_mb'] / oracle['peak_mem_mb']:.2f}")
     return out
 
@@ -225,20 +249,17 @@ def main() -> None:
     parser.add_argument("--n-true", type=int, help="override K")
     parser.add_argument("--batch-size", type=int, help="override the batch size")
     parser.add_argument("--formulations", nargs="+", default=["efficient", "oracle"], choices=["efficient", "oracle"])
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per row (median reported)")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per row (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--row-timeout", type=float, default=300.0, help="seconds before a row is skipped")
     parser.add_argument("--generation-tokens", type=int, default=32, help="new tokens per generation row; 0 skips them")
-    parser.add_argument("--row", help=argparse.SUPPRESS)
+    parser.add_argument("--checkpointing-rows", action=argparse.BooleanOptionalAction, default=True,
+                        help="also run the efficient step with activation checkpointing at the longest L")
     args = parser.parse_args()
 
-    if args.row:  # child process: one row, printed as the last line of stdout
-        spec = json.loads(args.row)
-        row = run_train_row(spec) if spec["kind"] == "train_step" else run_generation_row(spec)
-        print(json.dumps(row))
-        return
-
     import torch
+
+    import quietstar  # noqa: F401  (imported once here; every row runs in a forked child)
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     grid = dict(GRIDS["cuda" if device.startswith("cuda") else "cpu"])
@@ -248,17 +269,19 @@ def main() -> None:
     grid["batch_size"] = args.batch_size or grid["batch_size"]
     common = dict(device=device, dtype=grid["dtype"], n_true=grid["n_true"], n_thoughts=grid["n_thoughts"],
                   batch_size=grid["batch_size"], steps=args.steps, warmup=args.warmup)
-    specs = [dict(common, kind="train_step", formulation=f, seq_len=L, thought_len=M)
-             for L in grid["seq_len"] for M in grid["thought_len"] for f in args.formulations]
+    # Activation checkpointing (which the oracle cannot use) is measured at the longest L.
+    specs = [dict(common, kind="train_step", formulation=f, checkpointing=ckpt, seq_len=L, thought_len=M)
+             for L in grid["seq_len"] for M in grid["thought_len"] for f in args.formulations
+             for ckpt in ([False, True] if f == "efficient" and L == max(grid["seq_len"]) and args.checkpointing_rows else [False])]
     if args.generation_tokens > 0:
         M = grid["thought_len"][len(grid["thought_len"]) // 2]
-        specs += [dict(common, kind="generation", formulation="", seq_len=grid["seq_len"][0], thought_len=M,
-                       thoughts=on, new_tokens=args.generation_tokens) for on in (False, True)]
+        specs += [dict(common, kind="generation", formulation="", checkpointing=False, seq_len=grid["seq_len"][0],
+                       thought_len=M, thoughts=on, new_tokens=args.generation_tokens) for on in (False, True)]
 
     rows = []
     started = time.perf_counter()
     for spec in specs:
-        row = run_in_subprocess(spec, args.row_timeout)
+        row = run_row_in_child(spec, args.row_timeout)
         row.setdefault("formulation", spec["formulation"])
         rows.append(row)
         print(format_table([row]).splitlines()[-1], flush=True)

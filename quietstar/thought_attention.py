@@ -34,6 +34,7 @@ every other call (the plain text pass, ``generate``) the model's own attention.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 
@@ -46,8 +47,11 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 PREFIX = "quietstar_"
 BACKENDS = ("auto", "flex", "cpu_flash", "torch")
 
-# Compiled lazily by torch on its first call; FlexAttention is only fast when compiled.
-_compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
+
+@functools.cache
+def _compiled_flex_attention():
+    """FlexAttention is only fast when compiled; torch compiles it on the first call."""
+    return torch.compile(flex_attention, dynamic=False)
 
 
 @dataclass(frozen=True)
@@ -281,7 +285,7 @@ def _own_scores(q, k_own, own_allowed, scaling):
 
 def _flex_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: BlockMask, scaling: float) -> torch.Tensor:
     """FlexAttention under a thought ``BlockMask``; returns [N, S_q*L, H, D]."""
-    run = _compiled_flex_attention if query.is_cuda else flex_attention  # eager FlexAttention is a CPU reference
+    run = _compiled_flex_attention() if query.is_cuda else flex_attention  # eager FlexAttention is a CPU reference
     out = run(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
     return out.transpose(1, 2)
 

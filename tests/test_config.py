@@ -15,6 +15,7 @@ def test_defaults_follow_the_paper():
     assert cfg.positive_rewards_only is True
     assert cfg.thought_lr_multiplier == 100.0
     assert cfg.marker_init_text == "---"
+    assert (cfg.formulation, cfg.attention_backend) == ("efficient", "auto")
 
 
 def test_policy_temperature_follows_sample_temperature_unless_set():
@@ -29,6 +30,8 @@ def test_policy_temperature_follows_sample_temperature_unless_set():
         ("thought_len", 2.5),
         ("thought_len", True),
         ("n_true", 0),
+        ("formulation", "fast"),
+        ("attention_backend", "flash_attention_2"),
         ("n_true", "4"),
         ("n_thoughts", 1),
         ("sample_temperature", 0.0),

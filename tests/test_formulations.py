@@ -13,7 +13,7 @@ from torch.nn.attention.flex_attention import flex_attention
 
 from transformers import AttentionInterface
 
-from quietstar.thought_attention import ThoughtLayout, thought_attention_mask
+from quietstar.thought_attention import ThoughtLayout, resolve_backend, thought_attention_mask
 
 RTOL = 1e-5
 WELL_CONDITIONED = ("loss", "base_nll", "talk_nll", "mixing_weight_mean")
@@ -239,3 +239,13 @@ def test_every_backend_gives_the_torch_backend_step(backend):
     with torch.no_grad():
         thought_logprobs = reference.rollout(ids, mask, thoughts=thoughts)[1].thought_logprobs
     assert_same_step(step(reference, ids, mask, thoughts), step(model, ids, mask, thoughts), thought_logprobs)
+
+
+def test_auto_backend_picks_by_device_and_bad_choices_fail():
+    assert resolve_backend("auto", torch.device("cpu")) == "cpu_flash"
+    assert resolve_backend("auto", torch.device("cuda")) == "flex"
+    assert resolve_backend("auto", torch.device("mps")) == "torch"
+    with pytest.raises(ValueError, match="cpu_flash thought attention backend runs on the CPU only"):
+        resolve_backend("cpu_flash", torch.device("cuda"))
+    with pytest.raises(ValueError, match="unknown thought attention backend"):
+        resolve_backend("xformers", torch.device("cpu"))

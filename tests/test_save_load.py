@@ -34,7 +34,9 @@ def test_round_trip_gives_identical_outputs(tmp_path, family):
 def test_base_weights_load_with_stock_transformers(tmp_path):
     model = QuietStarModel(tiny_lm("mistral"), tiny_tokenizer(), QuietStarConfig())
     model.save_pretrained(tmp_path)
+    assert "quietstar" not in (tmp_path / "config.json").read_text()  # the attention dispatcher is not saved
     plain = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert plain.config._attn_implementation == "sdpa"
     tokenizer = AutoTokenizer.from_pretrained(tmp_path)
     ids, mask = padded_batch()
     assert torch.equal(plain(input_ids=ids, attention_mask=mask).logits, model.lm(input_ids=ids, attention_mask=mask).logits)

@@ -1,0 +1,27 @@
+"""The benchmark command runs and writes rows with the documented fields (tiny sizes; timings are not checked)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_train_step_benchmark_writes_its_rows(tmp_path):
+    out = tmp_path / "rows.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--device", "cpu", "--seq-lens", "16",
+           "--thought-lens", "2", "--steps", "1", "--warmup", "0", "--generation-tokens", "2", "--json", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(out.read_text())
+    train = [r for r in rows if r["kind"] == "train_step"]
+    assert {(r["formulation"], r["checkpointing"]) for r in train} == {("efficient", False), ("efficient", True), ("oracle", False)}
+    for row in train:
+        assert row["status"] == "ok"
+        assert row["seq_len"] == 16 and row["thought_len"] == 2 and row["device"].startswith("cpu")
+        assert row["step_s"] > 0 and row["peak_mem_mb"] > 0
+    generation = [r for r in rows if r["kind"] == "generation"]
+    assert {r["formulation"] for r in generation} == {"thoughts", "no thoughts"}
+    assert all(r["tokens_per_s"] > 0 for r in generation)
+    assert "efficient/oracle" in done.stdout or "/oracle time" in done.stdout
