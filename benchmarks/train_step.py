@@ -86,14 +86,6 @@ def step_flops(cfg, batch: int, length: int, M: int, K: int, R: int) -> float:
     return sampling + 3 * trained
 
 
-def current_rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def run_train_row(spec: dict) -> dict:
     import torch
 

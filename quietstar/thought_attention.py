@@ -148,38 +148,21 @@ def segment_attention(
 
 
 def _segment_attention(query, key, value, text_mask, layout, scaling, dropout):
-    n, heads, q_len, dim = query.shape
-    kv_heads, length = key.shape[1], layout.length
-    groups, s_q, s_k = heads // kv_heads, q_len // length, key.shape[2] // length
-    if s_q * length != q_len or s_k * length != key.shape[2]:
-        raise ValueError(f"query/key lengths {q_len}/{key.shape[2]} are not multiples of the segment length {length}")
-
-    q = query.view(n, kv_heads, groups, s_q, length, dim)
-    k_text, v_text = key[:, :, None, :length], value[:, :, None, :length]  # [N, Hkv, 1, L, D]
-    # Thought keys regrouped per position: [N, Hkv, 1, L, S_k-1, D].
-    k_own = key[:, :, None, length:].unflatten(3, (s_k - 1, length)).transpose(3, 4)
-    v_own = value[:, :, None, length:].unflatten(3, (s_k - 1, length)).transpose(3, 4)
-
-    text_scores = (q.flatten(3, 4) @ k_text.transpose(-1, -2)).view(n, kv_heads, groups, s_q, length, length)
-    own_scores = (q.transpose(3, 4) @ k_own.transpose(-1, -2)).transpose(3, 4)  # [N, Hkv, G, S_q, L, S_k-1]
-    scores = torch.cat([text_scores, own_scores], dim=-1)
-    scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * scaling  # softmax in >= fp32
-
+    q, k_text, v_text, k_own, v_own, own_allowed = _own_position_parts(query, key, value, layout)
+    n, heads, s_q, length, dim = q.shape
+    text_scores = (q.flatten(2, 3) @ k_text.transpose(-1, -2)).view(n, heads, s_q, length, length)
+    text_scores = text_scores.to(torch.promote_types(text_scores.dtype, torch.float32)) * scaling  # softmax in >= fp32
     positions = torch.arange(length, device=query.device)
-    text_allowed = (positions[None, :] <= positions[:, None]) & text_mask[:, None, None, None, None, :].bool()
-    q_segments = layout.first_query_segment + torch.arange(s_q, device=query.device)
-    k_segments = 1 + torch.arange(s_k - 1, device=query.device)
-    own_allowed = (k_segments[None, :] <= q_segments[:, None])[:, None, :]  # [S_q, 1, S_k-1]
-    allowed = torch.cat(
-        [text_allowed.expand(n, 1, 1, s_q, length, length), own_allowed.expand(n, 1, 1, s_q, length, s_k - 1)], dim=-1
+    text_allowed = (positions[None, :] <= positions[:, None]) & text_mask[:, None, None, None, :].bool()  # [N, 1, 1, L, L]
+    scores = torch.cat(
+        [text_scores.masked_fill(~text_allowed, float("-inf")), _own_scores(q, k_own, own_allowed, scaling)], dim=-1
     )
-    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).to(value.dtype)
+    probs = torch.softmax(scores, dim=-1).to(value.dtype)  # [N, H, S_q, L, L + S_k-1]
     if dropout > 0:
         probs = torch.nn.functional.dropout(probs, p=dropout, training=True)
-
-    out = (probs[..., :length].flatten(3, 4) @ v_text).view(n, kv_heads, groups, s_q, length, dim)
-    out = out + (probs[..., length:].transpose(3, 4) @ v_own).transpose(3, 4)
-    return out.reshape(n, heads, q_len, dim).transpose(1, 2)
+    out = (probs[..., :length].flatten(2, 3) @ v_text).view(n, heads, s_q, length, dim)
+    out = out + torch.einsum("nhslk,nhlkd->nhsld", probs[..., length:], v_own)
+    return out.flatten(2, 3).transpose(1, 2)
 
 
 def _own_position_parts(query, key, value, layout):

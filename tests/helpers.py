@@ -38,6 +38,17 @@ def tiny_lm(family: str = "llama", seed: int = 0, attn: str = "sdpa", **override
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
 
 
+def move_off_init(model, head_scale: float = 0.0):
+    """Perturb the markers (so <sot> and <eot> differ) and, if ``head_scale``, the mixing head (so thoughts matter)."""
+    with torch.no_grad():
+        model.start_embedding.add_(0.3 * torch.randn_like(model.start_embedding))
+        model.end_embedding.add_(0.3 * torch.randn_like(model.end_embedding))
+        if head_scale:
+            for p in model.mixing_head.parameters():
+                p.add_(head_scale * torch.randn_like(p))
+    return model
+
+
 def padded_batch(seed: int = 0, lengths=(8, 5), vocab: int = len(WORDS)):
     """Random right-padded ids [B, L] and attention mask [B, L]."""
     g = torch.Generator().manual_seed(seed)

@@ -6,6 +6,7 @@ from helpers import (
     independent_greedy_thought,
     independent_losses,
     independent_thought_pass,
+    move_off_init,
     padded_batch,
     tiny_lm,
     tiny_tokenizer,
@@ -18,11 +19,7 @@ ATOL = 2e-5
 
 def make_model(family, attn="sdpa", **config):
     torch.manual_seed(1)
-    model = QuietStarModel(tiny_lm(family, attn=attn), tiny_tokenizer(), QuietStarConfig(**config))
-    with torch.no_grad():  # move the markers off the shared "---" init so <sot> and <eot> differ
-        model.start_embedding.add_(0.3 * torch.randn_like(model.start_embedding))
-        model.end_embedding.add_(0.3 * torch.randn_like(model.end_embedding))
-    return model
+    return move_off_init(QuietStarModel(tiny_lm(family, attn=attn), tiny_tokenizer(), QuietStarConfig(**config)))
 
 
 @pytest.mark.parametrize("family,attn", [("llama", "sdpa"), ("mistral", "sdpa"), ("qwen2", "sdpa"), ("llama", "eager")])

@@ -6,7 +6,7 @@ every parameter must agree in fp32 to a relative tolerance of 1e-5.
 
 import pytest
 import torch
-from helpers import padded_batch, tiny_lm, tiny_tokenizer
+from helpers import move_off_init, padded_batch, tiny_lm, tiny_tokenizer
 
 from quietstar import QuietStarConfig, QuietStarModel
 from torch.nn.attention.flex_attention import flex_attention
@@ -23,12 +23,7 @@ def trained_looking_model(family: str, formulation: str, dtype=torch.float32, **
     """A tiny model whose markers and mixing head are off their initial values, so every loss term is live."""
     torch.manual_seed(3)
     model = QuietStarModel(tiny_lm(family), tiny_tokenizer(), QuietStarConfig(formulation=formulation, **config))
-    with torch.no_grad():
-        model.start_embedding.add_(0.3 * torch.randn_like(model.start_embedding))
-        model.end_embedding.add_(0.3 * torch.randn_like(model.end_embedding))
-        for p in model.mixing_head.parameters():
-            p.add_(0.2 * torch.randn_like(p))
-    return model.to(dtype)
+    return move_off_init(model, head_scale=0.2).to(dtype)
 
 
 def step(model: QuietStarModel, ids, mask, thoughts):

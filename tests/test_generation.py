@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import independent_greedy_thought, sequence_hidden, tiny_lm, tiny_tokenizer
+from helpers import independent_greedy_thought, move_off_init, sequence_hidden, tiny_lm, tiny_tokenizer
 
 from quietstar import QuietStarConfig, QuietStarModel
 from quietstar.generation import generate
@@ -10,13 +10,7 @@ from quietstar.generation import generate
 
 def model_with_live_head(family="llama", **config):
     torch.manual_seed(5)
-    model = QuietStarModel(tiny_lm(family), tiny_tokenizer(), QuietStarConfig(**config))
-    with torch.no_grad():
-        model.start_embedding.add_(0.3 * torch.randn_like(model.start_embedding))
-        model.end_embedding.add_(0.3 * torch.randn_like(model.end_embedding))
-        for p in model.mixing_head.parameters():
-            p.add_(0.5 * torch.randn_like(p))
-    return model
+    return move_off_init(QuietStarModel(tiny_lm(family), tiny_tokenizer(), QuietStarConfig(**config)), head_scale=0.5)
 
 
 def left_padded_prompts():
