@@ -1,4 +1,5 @@
-# make demo  - set up (once) and run the main job on the embedded default
+# make demo  - set up (once) and run the main job on the embedded default:
+#              Quiet-STaR training of SmolLM2-135M on the offline corpus (launch/pretrain.sh)
 # make test  - set up (once) and run the tests
 #
 # Set-up creates .venv (or reuses it) and installs everything. On a machine
@@ -24,7 +25,7 @@ $(STAMP): requirements.txt constraints-cpu.txt pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/quietstar demo
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash launch/pretrain.sh
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
-
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from quietstar.cli_config import add_dataclass_arguments, build_config
 from quietstar.config import QuietStarConfig
-from quietstar.model import QuietStarModel
-from quietstar.offline import SMOLLM2, resolve_model_path
+from quietstar.loading import load_model
+from quietstar.offline import SMOLLM2
 
 DEFAULT_TEXT = "If 3 apples cost 12 dollars, then one apple costs 4 dollars, so 5 apples cost 20 dollars."
 
@@ -28,16 +25,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text", default=DEFAULT_TEXT, help="the sentence to think about")
     parser.add_argument("--seed", type=int, default=0, help="seed of the thought sampler")
     add_dataclass_arguments(parser, QuietStarConfig, "Quiet-STaR settings (for a plain base model)")
-
-
-def load_model(name: str, config: QuietStarConfig) -> QuietStarModel:
-    path = Path(resolve_model_path(name))
-    if (path / f"{QuietStarModel.method}_config.json").is_file():
-        return QuietStarModel.from_pretrained(path, dtype=torch.float32)
-    if not path.is_dir():
-        raise FileNotFoundError(f"--model {name}: not '{SMOLLM2}' and not a local model directory")
-    lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    return QuietStarModel(lm, AutoTokenizer.from_pretrained(path), config)
 
 
 def _show(text: str, width: int) -> str:

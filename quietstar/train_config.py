@@ -1,0 +1,167 @@
+"""TrainConfig: the training recipe's settings, and the DeepSpeed config they complete.
+
+The recipe reads three typed configs from one flat namespace (YAML keys or CLI
+flags): ``QuietStarConfig`` (the method), ``DataConfig`` (the text) and
+``TrainConfig`` (this file). Field names are unique across the three.
+
+The DeepSpeed JSON (``TrainConfig.deepspeed``) owns the ZeRO stage, offload and
+communication settings. The batch, optimizer, clipping and precision values
+belong to ``TrainConfig``: in the JSON they may be absent or ``"auto"`` (the
+recipe fills them in), and an explicit value that disagrees is an error rather
+than a silent override.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from quietstar.cli_config import ConfigError, is_int, is_number, require
+from quietstar.config import QuietStarConfig
+from quietstar.data import DataConfig
+from quietstar.offline import SMOLLM2
+
+DS_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of ``python -m quietstar.train``. Optimizer defaults follow the paper.
+
+    Attributes:
+        model: the starting model: ``smollm2-135m`` (offline default), a local HF
+            model dir, a saved QuietStarModel dir, or a hub id.
+        output_dir: checkpoints, ``metrics.jsonl``, TensorBoard events and ``final/``.
+        deepspeed: the DeepSpeed JSON (ZeRO stage, offload); see ``ds_configs/``.
+        max_steps: optimizer steps to train for.
+        seed: fixes the initial weights of the new modules, the data order and the thoughts.
+        micro_batch_size: sequences per device per forward.
+        grad_accum_steps: forwards per optimizer step; the global batch is
+            micro_batch_size * grad_accum_steps * number of devices.
+        lr: AdamW learning rate of the model (the markers get
+            ``lr * thought_lr_multiplier``).
+        weight_decay: AdamW weight decay (not applied to the markers).
+        warmup_steps: linear warmup from 0 to ``lr``.
+        lr_scheduler: a ``transformers`` schedule: constant, constant_with_warmup, linear, cosine.
+        grad_clip: clip the global gradient norm to this value; 0 disables clipping.
+        precision: ``bf16`` (bf16 compute, fp32 master weights), ``fp32``, or
+            ``auto`` (bf16 on CUDA, fp32 on CPU).
+        gradient_checkpointing: recompute each layer in backward to save memory.
+        eval_every: held-out base vs. talk NLL every this many steps (and before
+            the first and after the last); 0 evaluates only before and after.
+        eval_batch_size: sequences per held-out forward.
+        save_every: a checkpoint every this many steps (and after the last); 0
+            saves only after the last.
+        keep_checkpoints: how many of the newest checkpoints to keep; 0 keeps all.
+    """
+
+    model: str = SMOLLM2
+    output_dir: str = "runs/quietstar"
+    deepspeed: str = str(DS_CONFIGS / "zero2.json")
+    max_steps: int = 100
+    seed: int = 0
+    micro_batch_size: int = 1
+    grad_accum_steps: int = 8
+    lr: float = 1e-6
+    weight_decay: float = 0.001
+    warmup_steps: int = 20
+    lr_scheduler: str = "constant_with_warmup"
+    grad_clip: float = 1.0
+    precision: str = "auto"
+    gradient_checkpointing: bool = False
+    eval_every: int = 50
+    eval_batch_size: int = 4
+    save_every: int = 50
+    keep_checkpoints: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("model", "output_dir", "deepspeed"):
+            require(isinstance(getattr(self, name), str) and getattr(self, name).strip() != "", self, name, "must be a non-empty string")
+        for name in ("max_steps", "micro_batch_size", "grad_accum_steps", "eval_batch_size"):
+            require(is_int(getattr(self, name)) and getattr(self, name) >= 1, self, name, "must be an integer >= 1")
+        for name in ("seed", "warmup_steps", "eval_every", "save_every", "keep_checkpoints"):
+            require(is_int(getattr(self, name)) and getattr(self, name) >= 0, self, name, "must be an integer >= 0")
+        require(is_number(self.lr) and self.lr > 0, self, "lr", "must be a finite number > 0")
+        require(is_number(self.weight_decay) and self.weight_decay >= 0, self, "weight_decay", "must be a finite number >= 0")
+        require(is_number(self.grad_clip) and self.grad_clip >= 0, self, "grad_clip", "must be a finite number >= 0")
+        require(self.lr_scheduler in LR_SCHEDULERS, self, "lr_scheduler", f"must be one of {', '.join(LR_SCHEDULERS)}")
+        require(
+            self.lr_scheduler != "constant" or self.warmup_steps == 0,
+            self,
+            "lr_scheduler",
+            "'constant' has no warmup; use constant_with_warmup or set warmup_steps: 0",
+        )
+        require(self.precision in PRECISIONS, self, "precision", f"must be one of {', '.join(PRECISIONS)}")
+        require(isinstance(self.gradient_checkpointing, bool), self, "gradient_checkpointing", "must be true or false")
+
+
+RECIPE_CONFIGS = (QuietStarConfig, DataConfig, TrainConfig)
+
+
+def check_yaml_keys(values: dict[str, Any]) -> None:
+    """Every YAML key must name a field of one of the recipe's configs."""
+    known = {f.name for cls in RECIPE_CONFIGS for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"config file: unknown field(s) {', '.join(unknown)}; run with --help for the list")
+
+
+def use_bf16(train: TrainConfig, device_type: str) -> bool:
+    return train.precision == "bf16" or (train.precision == "auto" and device_type == "cuda")
+
+
+def _fill(ds: dict, keys: tuple[str, ...], value: Any, owner: str, path: Path) -> None:
+    """Set ``ds[keys]`` to ``value`` when absent or "auto"; refuse an explicit value that disagrees."""
+    node = ds
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+    current = node.get(keys[-1], "auto")
+    if current == "auto":
+        node[keys[-1]] = value
+    elif current != value:
+        raise ConfigError(
+            f"{path}: {'.'.join(keys)} = {current!r} disagrees with {owner} = {value!r}; "
+            f'write "auto" in the JSON (the recipe fills it in) or change the setting'
+        )
+
+
+def deepspeed_config(train: TrainConfig, device_type: str, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config dict for this run: ``train.deepspeed`` completed from ``train``."""
+    path = Path(train.deepspeed)
+    if not path.is_file():
+        raise ConfigError(f"TrainConfig.deepspeed: file not found: {path}")
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"TrainConfig.deepspeed: {path} is not valid JSON ({error})") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"TrainConfig.deepspeed: {path} must hold a JSON object")
+    if ds.get("fp16", {}).get("enabled") not in (None, False):
+        raise ConfigError(f"{path}: fp16 is not supported (its loss scaling is not needed with bf16); use bf16")
+    if "scheduler" in ds:
+        raise ConfigError(f"{path}: remove 'scheduler'; the LR schedule comes from TrainConfig.lr_scheduler and warmup_steps")
+    optimizer_type = ds.setdefault("optimizer", {"type": "AdamW"}).get("type")
+    if str(optimizer_type).lower() != "adamw":
+        raise ConfigError(f"{path}: optimizer.type must be AdamW, got {optimizer_type!r}")
+    _fill(ds, ("train_micro_batch_size_per_gpu",), train.micro_batch_size, "TrainConfig.micro_batch_size", path)
+    _fill(ds, ("gradient_accumulation_steps",), train.grad_accum_steps, "TrainConfig.grad_accum_steps", path)
+    _fill(ds, ("train_batch_size",), train.micro_batch_size * train.grad_accum_steps * world_size,
+          "micro_batch_size * grad_accum_steps * world size", path)
+    _fill(ds, ("gradient_clipping",), float(train.grad_clip), "TrainConfig.grad_clip", path)
+    _fill(ds, ("optimizer", "params", "lr"), train.lr, "TrainConfig.lr", path)
+    _fill(ds, ("optimizer", "params", "weight_decay"), train.weight_decay, "TrainConfig.weight_decay", path)
+    _fill(ds, ("bf16", "enabled"), use_bf16(train, device_type), "TrainConfig.precision", path)
+    if device_type == "cpu":
+        # DeepSpeed's fused Adam would compile a C++ op for the CPU; torch's AdamW is as fast there.
+        ds["optimizer"]["params"].setdefault("torch_adam", True)
+    ds.setdefault("steps_per_print", 10**9)  # the recipe logs every step itself
+    return ds
+
+
+def zero_stage(ds: dict[str, Any]) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))

@@ -1,0 +1,273 @@
+"""The training recipe: real 2-process DeepSpeed runs (ZeRO-2 and ZeRO-3), exact resume, config plumbing, checkpoint safety."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import WORDS, tiny_lm, tiny_tokenizer
+from transformers import AutoModelForCausalLM
+
+from quietstar import checkpoints
+from quietstar.cli_config import ConfigError
+from quietstar.data import DataConfig, heldout_batches, load_documents, split_heldout
+from quietstar.model import QuietStarModel
+from quietstar.perplexity import heldout_nll
+from quietstar.run_log import RunLog, read_metrics
+from quietstar.train import STEP_METRICS, build_parser, main, parse_args
+from quietstar.train_config import DS_CONFIGS, RECIPE_CONFIGS, TrainConfig, deepspeed_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONTRACT_FIELDS = ("step", "loss", "base_nll", "talk_nll", "policy_loss", "reward_mean", "mixing_weight_mean", "lr", "tokens_per_s")
+STEPS = 4
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def fixture_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama (saved as a plain HF dir) and a synthetic jsonl corpus."""
+    root = tmp_path_factory.mktemp("train")
+    tiny_lm("llama").save_pretrained(root / "model")
+    tiny_tokenizer().save_pretrained(root / "model")
+    rng = random.Random(0)
+    with (root / "text.jsonl").open("w") as f:
+        for _ in range(80):
+            f.write(json.dumps({"text": " ".join(rng.choice(WORDS[3:]) for _ in range(rng.randint(10, 50)))}) + "\n")
+    return root
+
+
+def recipe_args(root: Path, output_dir: Path, zero: int, max_steps: int = STEPS) -> list[str]:
+    return [
+        "--model", str(root / "model"), "--dataset", str(root / "text.jsonl"), "--output-dir", str(output_dir),
+        "--deepspeed", str(DS_CONFIGS / f"zero{zero}.json"), "--max-steps", str(max_steps), "--seed", "3",
+        "--seq-len", "24", "--thought-len", "3", "--n-true", "2", "--micro-batch-size", "2", "--grad-accum-steps", "2",
+        "--lr", "1e-3", "--warmup-steps", "3", "--heldout-documents", "4", "--eval-batch-size", "4",
+        "--eval-every", "2", "--save-every", "2",
+    ]
+
+
+def run(command: list[str]) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return result
+
+
+def launch_script(args: list[str]) -> subprocess.CompletedProcess:
+    """The user's entry point: launch/pretrain.sh (the deepspeed launcher, 2 processes)."""
+    return run(["bash", str(ROOT / "launch" / "pretrain.sh"), "--num-gpus", "2", "--master-port", str(free_port()), *args])
+
+
+def launcher(args: list[str]) -> subprocess.CompletedProcess:
+    """The deepspeed launcher directly, 2 processes."""
+    return run(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "--module", "quietstar.train", *args])
+
+
+@pytest.fixture(scope="module")
+def runs(fixture_dir) -> dict[int, Path]:
+    """Uninterrupted 4-step runs at ZeRO-2 (through launch/pretrain.sh) and ZeRO-3 (through deepspeed)."""
+    out = {2: fixture_dir / "zero2", 3: fixture_dir / "zero3"}
+    launch_script(recipe_args(fixture_dir, out[2], zero=2))
+    launcher(recipe_args(fixture_dir, out[3], zero=3))
+    return out
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_launcher_run_logs_every_step_and_exports_a_reloadable_final_model(runs, fixture_dir, zero):
+    out = runs[zero]
+    records = read_metrics(out)
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    for record in records:
+        for name in CONTRACT_FIELDS:
+            assert math.isfinite(record[name]), (name, record)
+    assert records[-1]["mixing_weight_mean"] > 0  # the mixing head has moved off its zero init
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert checkpoints.latest_tag(out / "checkpoints") == checkpoints.tag(STEPS)
+
+    final = QuietStarModel.from_pretrained(out / "final", dtype=torch.float32)
+    assert final.config.thought_len == 3 and final.config.n_true == 2
+    initial = AutoModelForCausalLM.from_pretrained(fixture_dir / "model")
+    stock = AutoModelForCausalLM.from_pretrained(out / "final")  # the base weights load without quietstar
+    assert not torch.equal(stock.model.embed_tokens.weight, initial.model.embed_tokens.weight)
+    assert torch.equal(stock.model.embed_tokens.weight, final.lm.model.embed_tokens.weight)
+
+    # The exported weights are the trained ones: one process recomputes the held-out NLL the run measured last.
+    data = DataConfig(dataset=str(fixture_dir / "text.jsonl"), seq_len=24, heldout_documents=4)
+    _, texts = split_heldout(load_documents(data), data.heldout_documents)
+    batches = heldout_batches(texts, final.tokenizer, data.seq_len, batch_size=4)
+    recomputed = heldout_nll(final.eval(), batches, torch.device("cpu"), seed=3)
+    summary = json.loads((out / "summary.json").read_text())
+    for name in ("base_nll", "talk_nll"):
+        assert recomputed[name] == pytest.approx(summary["heldout_after"][name], rel=1e-5, abs=1e-6)
+    assert summary["heldout_before"]["base_nll"] == pytest.approx(summary["heldout_before"]["talk_nll"], abs=1e-6)
+
+
+def test_zero2_and_zero3_take_the_same_first_step(runs):
+    first = [read_metrics(runs[zero])[0] for zero in (2, 3)]
+    for name in STEP_METRICS:
+        assert first[0][name] == pytest.approx(first[1][name], rel=1e-5, abs=1e-6), name
+
+
+def test_resume_after_step_k_repeats_the_uninterrupted_steps(runs, fixture_dir):
+    """Stop after step 2, resume to 4: the weights, optimizer, LR warmup, data position and RNG all carry over."""
+    out = fixture_dir / "resumed"
+    launcher(recipe_args(fixture_dir, out, zero=2, max_steps=2))
+    launcher(recipe_args(fixture_dir, out, zero=2) + ["--resume"])
+    resumed, uninterrupted = read_metrics(out), read_metrics(runs[2])
+    assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
+    for a, b in zip(resumed, uninterrupted):
+        for name in (*STEP_METRICS, "lr", "thought_lr", "grad_norm", "documents"):
+            assert a[name] == pytest.approx(b[name], rel=0, abs=1e-6), (a["step"], name)
+
+
+# --- configuration, logs and checkpoint files (no processes launched) -------------------------------
+
+
+def test_every_config_field_has_a_flag_and_yaml_and_flags_layer(tmp_path):
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("thought_len: 7\nseq_len: 99\nlr: 0.5\nmax_steps: 3\n")
+    args, method, data, train = parse_args(["--config", str(yaml_file), "--lr", "0.25", "--model", "m", "--dataset", "d.jsonl",
+                                            "--output-dir", "o", "--seed", "5", "--deepspeed", "x.json", "--resume"])
+    assert (method.thought_len, data.seq_len, train.lr, train.max_steps) == (7, 99, 0.25, 3)
+    assert (train.model, data.dataset, train.output_dir, train.seed, train.deepspeed, args.resume) == ("m", "d.jsonl", "o", 5, "x.json", True)
+    flags = {flag for action in build_parser()._actions for flag in action.option_strings}
+    for cls in RECIPE_CONFIGS:
+        for field in dataclasses.fields(cls):
+            assert "--" + field.name.replace("_", "-") in flags, field.name
+
+
+def test_a_run_refuses_an_output_dir_with_checkpoints_and_a_missing_dataset(tmp_path, fixture_dir, monkeypatch, capsys):
+    env = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    (tmp_path / "checkpoints" / checkpoints.tag(2)).mkdir(parents=True)
+    (tmp_path / "checkpoints" / checkpoints.LATEST).write_text(checkpoints.tag(2))
+    assert main(recipe_args(fixture_dir, tmp_path, zero=2)) == 2
+    assert "already has checkpoints; pass --resume" in capsys.readouterr().err
+    assert main(recipe_args(fixture_dir, tmp_path / "new", zero=2) + ["--dataset", str(tmp_path / "missing.jsonl")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "missing.jsonl" in error
+
+
+def test_bad_settings_fail_with_the_field_named(tmp_path):
+    with pytest.raises(ConfigError, match="TrainConfig.lr"):
+        TrainConfig(lr=0)
+    with pytest.raises(ConfigError, match="TrainConfig.lr_scheduler"):
+        TrainConfig(lr_scheduler="constant", warmup_steps=5)
+    yaml_file = tmp_path / "bad.yaml"
+    yaml_file.write_text("thougth_len: 3\n")
+    with pytest.raises(ConfigError, match="thougth_len"):
+        parse_args(["--config", str(yaml_file)])
+    with pytest.raises(ConfigError, match="QuietStarConfig.n_thoughts"):
+        parse_args(["--n-thoughts", "1"])
+
+
+def test_deepspeed_config_is_completed_from_the_recipe_and_conflicts_are_refused(tmp_path):
+    train = TrainConfig(deepspeed=str(DS_CONFIGS / "zero3.json"), micro_batch_size=2, grad_accum_steps=3, lr=1e-4, grad_clip=0.5)
+    ds = deepspeed_config(train, "cpu", world_size=2)
+    assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["gradient_accumulation_steps"] == 3 and ds["train_batch_size"] == 12
+    assert ds["optimizer"]["params"]["lr"] == 1e-4 and ds["gradient_clipping"] == 0.5
+    assert ds["bf16"]["enabled"] is False and ds["optimizer"]["params"]["torch_adam"] is True  # CPU
+    assert deepspeed_config(train, "cuda", world_size=8)["bf16"]["enabled"] is True
+    assert "torch_adam" not in deepspeed_config(train, "cuda", world_size=8)["optimizer"]["params"]
+
+    conflicting = tmp_path / "ds.json"
+    conflicting.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 2}}))
+    with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu = 4 disagrees with TrainConfig.micro_batch_size"):
+        deepspeed_config(TrainConfig(deepspeed=str(conflicting)), "cpu", 1)
+    conflicting.write_text(json.dumps({"scheduler": {"type": "WarmupLR"}}))
+    with pytest.raises(ConfigError, match="scheduler"):
+        deepspeed_config(TrainConfig(deepspeed=str(conflicting)), "cpu", 1)
+    conflicting.write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        deepspeed_config(TrainConfig(deepspeed=str(conflicting)), "cpu", 1)
+    with pytest.raises(ConfigError, match="file not found"):
+        deepspeed_config(TrainConfig(deepspeed=str(tmp_path / "missing.json")), "cpu", 1)
+
+
+def test_shipped_deepspeed_configs_cover_each_zero_stage():
+    stages = {}
+    for path in sorted(DS_CONFIGS.glob("*.json")):
+        ds = deepspeed_config(TrainConfig(deepspeed=str(path)), "cuda", world_size=8)
+        stages[path.name] = (ds["zero_optimization"]["stage"], ds["bf16"]["enabled"], "offload_optimizer" in ds["zero_optimization"])
+    assert stages == {
+        "zero1.json": (1, True, False),
+        "zero2.json": (2, True, False),
+        "zero3.json": (3, True, False),
+        "zero3_offload.json": (3, True, True),
+    }
+
+
+def test_named_configs_parse():
+    for name in ("demo", "paper"):
+        _, method, data, train = parse_args(["--config", str(ROOT / "launch" / "configs" / f"{name}.yaml")])
+        assert train.max_steps >= 1 and data.seq_len >= 2 and method.n_thoughts >= 2
+    _, method, data, train = parse_args(["--config", str(ROOT / "launch" / "configs" / "paper.yaml")])
+    assert (train.lr, train.weight_decay, train.warmup_steps, train.grad_clip, data.seq_len) == (1e-6, 0.001, 20, 1.0, 256)
+    assert method.n_thoughts == 2 and method.thought_lr_multiplier == 100.0
+
+
+def test_a_resumed_log_drops_the_steps_after_the_checkpoint(tmp_path):
+    log = RunLog(tmp_path)
+    for step in range(1, 6):
+        log.step({"step": step, "loss": float(step)})
+    log.close()
+    RunLog(tmp_path, resume_step=3).close()
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
+    RunLog(tmp_path).close()  # a fresh run starts an empty log
+    assert read_metrics(tmp_path) == []
+
+
+def test_latest_ignores_partial_saves_and_old_checkpoints_are_pruned(tmp_path):
+    assert checkpoints.latest_tag(tmp_path) is None
+    for step in (2, 4, 6):
+        (tmp_path / checkpoints.tag(step)).mkdir()
+    (tmp_path / f"{checkpoints.tag(8)}.partial").mkdir()  # a save that was killed
+    (tmp_path / checkpoints.LATEST).write_text(checkpoints.tag(6) + "\n")
+    assert checkpoints.latest_tag(tmp_path) == "step-000006"
+    checkpoints._prune(tmp_path, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-000004", "step-000006", "step-000008.partial"]
+
+
+def test_launch_script_help_and_missing_hostfile():
+    script = str(ROOT / "launch" / "pretrain.sh")
+    shown = subprocess.run(["bash", script, "--help"], capture_output=True, text=True)
+    assert shown.returncode == 0 and "--hostfile" in shown.stdout and "NUM_GPUS" in shown.stdout
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    missing = subprocess.run(["bash", script, "--hostfile", "/nonexistent/hosts"], capture_output=True, text=True, env=env)
+    assert missing.returncode == 2 and "hostfile not found" in missing.stderr
+    assert shutil.which("deepspeed", path=env["PATH"])
+
+
+def test_bf16_run_keeps_fp32_master_weights(tmp_path, fixture_dir, monkeypatch):
+    """bf16 compute with gradient checkpointing; the exported weights carry updates far below bf16's resolution."""
+    env = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    args = recipe_args(fixture_dir, tmp_path, zero=2, max_steps=3)
+    assert main(args + ["--precision", "bf16", "--gradient-checkpointing", "--lr", "1e-6", "--warmup-steps", "0"]) == 0
+    assert all(math.isfinite(r["loss"]) for r in read_metrics(tmp_path))
+    initial = AutoModelForCausalLM.from_pretrained(fixture_dir / "model").model.layers[0].mlp.up_proj.weight
+    trained = QuietStarModel.from_pretrained(tmp_path / "final").lm.model.layers[0].mlp.up_proj.weight
+    assert trained.dtype == torch.float32
+    # DeepSpeed casts the module to bf16 before it copies the fp32 master weights, so training starts from bf16(initial).
+    start = initial.bfloat16().float()
+    delta = (trained - start).abs()
+    assert 0 < delta.max() < 1e-5  # 3 AdamW steps of lr 1e-6, kept in fp32
+    # bf16 weights alone would have lost them: the weights are ~0.1, where bf16's spacing is ~5e-4.
+    assert (trained.bfloat16() != initial.bfloat16()).float().mean() < 0.01
