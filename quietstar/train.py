@@ -47,6 +47,7 @@ from quietstar.cli_config import ConfigError, add_dataclass_arguments, build_con
 from quietstar.config import QuietStarConfig
 from quietstar.data import DataConfig, TokenStream, heldout_batches, load_documents, split_heldout
 from quietstar.loading import load_model
+from quietstar.offline import resolve_model_path
 from quietstar.optim import build_param_groups
 from quietstar.perplexity import heldout_nll
 from quietstar.run_log import RunLog
@@ -111,6 +112,9 @@ def train(args: argparse.Namespace, method: QuietStarConfig, data: DataConfig, c
 
     # Data first, so that a bad path fails before the model loads.
     documents, heldout_texts = split_heldout(load_documents(data), data.heldout_documents)
+    if int(os.environ["LOCAL_RANK"]) == 0:
+        resolve_model_path(cfg.model)  # the offline default is exported once per node, before any rank reads it
+    dist.barrier()
     model = load_model(cfg.model, method)
     stream = TokenStream(documents, model.tokenizer, data, seed=cfg.seed, rank=rank, world_size=world)
     heldout = heldout_batches(heldout_texts, model.tokenizer, data.seq_len, cfg.eval_batch_size)
