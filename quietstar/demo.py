@@ -16,6 +16,7 @@ from quietstar.cli_config import add_dataclass_arguments, build_config
 from quietstar.config import QuietStarConfig
 from quietstar.loading import load_model
 from quietstar.offline import SMOLLM2
+from quietstar.perplexity import next_token_nlls
 
 DEFAULT_TEXT = "If 3 apples cost 12 dollars, then one apple costs 4 dollars, so 5 apples cost 20 dollars."
 
@@ -54,9 +55,8 @@ def run(args: argparse.Namespace) -> None:
             print(f"{t:>3}  {token:<12} {thought:<52} {nxt:<12} {base:>10.3f} {talk:>10.3f}")
         else:
             print(f"{t:>3}  {token:<12} {thought:<52}")
-    next_valid = out.target_mask[0, :, 0]
-    base_next = -out.base_logprobs[0, :, 0][next_valid].mean()
-    talk_next = -out.talk_logprobs[0, :, :, 0][next_valid].mean()
+    base, talk, valid = next_token_nlls(out)
+    base_next, talk_next = base[valid].mean(), talk[valid].mean()
     print(
         f"\nnext-token NLL: base {float(base_next):.3f}, talk {float(talk_next):.3f} (mean over R thoughts); "
         f"mean mixing weight {float(out.mixing_weight_mean):.3f}"

@@ -15,18 +15,22 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 
-@torch.no_grad()
-def token_nlls(model, input_ids: torch.LongTensor, attention_mask: torch.Tensor, generator: torch.Generator | None = None):
-    """Per-token next-token NLLs of one right-padded batch.
+def next_token_nlls(out):
+    """Per-token next-token NLLs from a ``QuietStarOutput``.
 
     Returns (base [B, L], talk [B, L], valid [B, L]): the entry at t scores x_{t+1};
-    ``valid`` is False where there is no next token.
+    ``talk`` averages the R thoughts' NLLs; ``valid`` is False where there is no next token.
     """
-    out = model(input_ids, attention_mask, generator=generator)
     valid = out.target_mask[..., 0]
     base = -out.base_logprobs[..., 0]
     talk = -out.talk_logprobs[..., 0].mean(dim=2)
     return base.masked_fill(~valid, 0.0), talk.masked_fill(~valid, 0.0), valid
+
+
+@torch.no_grad()
+def token_nlls(model, input_ids: torch.LongTensor, attention_mask: torch.Tensor, generator: torch.Generator | None = None):
+    """``next_token_nlls`` of one right-padded batch, with freshly sampled thoughts."""
+    return next_token_nlls(model(input_ids, attention_mask, generator=generator))
 
 
 @torch.no_grad()

@@ -94,11 +94,11 @@ def init_distributed() -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), torch.device(accelerator.device_name(local_rank))
 
 
-def reduce(values: list[float], device: torch.device, mean: bool) -> list[float]:
-    """All-reduce a list of numbers over ranks (sum, or mean)."""
+def all_ranks_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum a list of numbers over ranks."""
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
-    return (t / dist.get_world_size() if mean else t).tolist()
+    return t.tolist()
 
 
 def train(args: argparse.Namespace, method: QuietStarConfig, data: DataConfig, cfg: TrainConfig) -> dict:
@@ -179,8 +179,8 @@ def train(args: argparse.Namespace, method: QuietStarConfig, data: DataConfig, c
             engine.backward(out.loss)
             engine.step()  # DeepSpeed updates the weights only at the last micro-batch
             sums = [s + v for s, v in zip(sums, out.metrics().values())]
-        metrics = reduce([s / cfg.grad_accum_steps for s in sums], device, mean=True)
-        counts = reduce([getattr(stream.stats, name) for name in STREAM_COUNTS], device, mean=False)
+        totals = all_ranks_sum([s / cfg.grad_accum_steps for s in sums] + [getattr(stream.stats, n) for n in STREAM_COUNTS], device)
+        metrics, counts = [v / world for v in totals[: len(STEP_METRICS)]], totals[len(STEP_METRICS):]
         seconds = time.perf_counter() - started
         step_seconds += seconds
         grad_norm = engine.get_global_grad_norm()
