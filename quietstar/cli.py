@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from quietstar import demo, generate_cli
+from quietstar import demo, generate_cli, perplexity
+from quietstar import eval as zero_shot_eval
+from quietstar.cli_config import run_command
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -13,13 +15,11 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     demo.add_arguments(commands.add_parser("demo", help="show the thought sampled after each token of a sentence"))
     generate_cli.add_arguments(commands.add_parser("generate", help="complete prompts, thinking before each token"))
+    zero_shot_eval.add_arguments(commands.add_parser("eval", help="zero-shot GSM8K / CommonsenseQA with and without thoughts"))
+    perplexity.add_arguments(commands.add_parser("perplexity", help="per-token base vs. talk NLL report on held-out text"))
     args = parser.parse_args(argv)
-    try:
-        {"demo": demo.run, "generate": generate_cli.run}[args.command](args)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"quietstar {args.command}: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    runners = {"demo": demo.run, "generate": generate_cli.run, "eval": zero_shot_eval.run, "perplexity": perplexity.run}
+    return run_command(args.command, runners[args.command], args)
 
 
 if __name__ == "__main__":

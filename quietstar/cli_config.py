@@ -12,7 +12,8 @@ import dataclasses
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+import sys
+from typing import Any, Callable, TypeVar
 
 import yaml
 
@@ -91,3 +92,13 @@ def build_config(cls: type[C], yaml_values: dict[str, Any], args: argparse.Names
     if args is not None:
         values.update({k: v for k, v in vars(args).items() if k in names and v is not None})
     return from_dict(cls, values)
+
+
+def run_command(name: str, run: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> int:
+    """Run an entry point: 0 on success; a bad input or config prints ``quietstar <name>: error: ...`` and gives 2."""
+    try:
+        run(args)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"quietstar {name}: error: {error}", file=sys.stderr)
+        return 2
+    return 0

@@ -127,17 +127,31 @@ def _read_local(paths: list[Path], text_field: str) -> Iterator[dict[str, Any]]:
                 value = record.get(text_field)
                 yield {"text": value if isinstance(value, str) else None}
         else:  # jsonl: one object per line; a bad line is one malformed record
-            with path.open(errors="replace") as f:
-                for line in f:
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError:
-                        yield {"text": None}
-                        continue
-                    value = record.get(text_field) if isinstance(record, dict) else None
-                    yield {"text": value if isinstance(value, str) else None}
+            for _, text, _ in jsonl_records(path, text_field):
+                yield {"text": text}
+
+
+def jsonl_records(path: Path, text_field: str) -> Iterator[tuple[int, str | None, str | None]]:
+    """Each non-blank line of a jsonl file as (line number, text, problem).
+
+    Exactly one of ``text`` and ``problem`` is None; ``problem`` says why a line has no
+    text: "not valid JSON", "not a JSON object" or "no string '<text_field>' field".
+    """
+    with path.open(errors="replace") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                yield number, None, "not valid JSON"
+                continue
+            if not isinstance(record, dict):
+                yield number, None, "not a JSON object"
+            elif not isinstance(record.get(text_field), str):
+                yield number, None, f"no string {text_field!r} field"
+            else:
+                yield number, record[text_field], None
 
 
 def load_documents(config: DataConfig) -> Dataset | IterableDataset:

@@ -1,18 +1,50 @@
-"""Held-out NLL with and without thoughts.
+"""Held-out NLL with and without thoughts, and perplexity reports on held-out text.
 
 Both NLLs score the same targets: the next token x_{t+1} after every position t.
 ``base`` is the model's ordinary prediction; ``talk`` is the prediction mixed with a
 sampled thought, averaged over the R thoughts (as an NLL, not as a probability).
-An untrained mixing head gives talk == base exactly.
+An untrained mixing head gives talk == base exactly. The improvement of a token is
+base - talk (positive: the thought helped).
+
+    python -m quietstar.perplexity --model runs/demo/final --data-file heldout.jsonl --output-dir reports/demo
+
+reads a ``.txt`` file (one document) or a ``.jsonl`` file (one object per line, the text in
+``--text-field``), cuts each document into consecutive ``--seq-len`` windows, scores them
+with token-parallel thoughts and writes to ``--output-dir``:
+
+    report.json     summary numbers and the difficulty bins (see ``build_report``)
+    difficulty.png  mean improvement per difficulty bin
+    tokens.html     the text token by token, coloured by improvement; hover for the NLLs and the thought
+
+Token difficulty is the base NLL, binned with the fixed edges ``DIFFICULTY_EDGES`` (nats;
+a bin holds lo <= base NLL < hi), as in the Quiet-STaR paper's per-difficulty figure.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import json
 import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
+
+from quietstar.cli_config import add_dataclass_arguments, build_config, is_int, load_yaml, require, run_command
+from quietstar.config import QuietStarConfig
+from quietstar.data import jsonl_records
+from quietstar.loading import load_model
+from quietstar.offline import SMOLLM2
+from quietstar.reports import write_html, write_png
+
+DIFFICULTY_EDGES = (0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, math.inf)
+SUFFIXES = (".txt", ".jsonl")
 
 
 def next_token_nlls(out):
@@ -57,3 +89,281 @@ def heldout_nll(model, batches, device, seed: int, progress: bool = False) -> di
     if tokens == 0:
         raise ValueError("held-out NLL: the held-out batches have no token with a next token")
     return {"base_nll": base_sum / tokens, "talk_nll": talk_sum / tokens, "tokens": int(tokens)}
+
+
+# --- perplexity reports ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Window:
+    """Consecutive tokens ``ids`` of document number ``document`` (0-based, in file order)."""
+
+    document: int
+    ids: list[int]
+
+
+@dataclass
+class TokenScores:
+    """Per-window scores, aligned with the scored windows.
+
+    For a window of n tokens, entry t scores the target ids[t + 1]:
+        base: [n - 1] base NLLs.
+        talk: [n - 1] talk NLLs (mean over the R thoughts).
+        thoughts: [n - 1, M] the first thought (r = 0), sampled after ids[t].
+    """
+
+    base: list[torch.Tensor] = field(default_factory=list)
+    talk: list[torch.Tensor] = field(default_factory=list)
+    thoughts: list[torch.LongTensor] = field(default_factory=list)
+
+    def flat(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The base and talk NLLs of all windows, each [N] for N scored tokens."""
+        return torch.cat(self.base), torch.cat(self.talk)
+
+
+def read_documents(path: Path, text_field: str, max_documents: int | None = None) -> list[str]:
+    """The documents of a ``.txt`` file (the whole file) or a ``.jsonl`` file (``text_field`` of each object).
+
+    Reads at most ``max_documents`` documents. A missing file, another suffix, or a jsonl
+    line that is not an object with a string ``text_field`` is an error naming the file (and line).
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    if path.suffix not in SUFFIXES:
+        raise ValueError(f"{path}: unsupported data file type {path.suffix or '(none)'!r}; use {' or '.join(SUFFIXES)}")
+    if path.suffix == ".txt":
+        return [path.read_text(errors="replace")][:max_documents]
+    documents = []
+    for number, text, problem in jsonl_records(path, text_field):
+        if problem is not None:
+            raise ValueError(f"{path} line {number}: {problem}")
+        documents.append(text)
+        if len(documents) == max_documents:
+            break
+    return documents
+
+
+def make_windows(documents: Iterable[list[int]], seq_len: int, max_tokens: int) -> list[Window]:
+    """Consecutive, non-overlapping windows of ``seq_len`` tokens of each tokenized document.
+
+    A window of n tokens scores n - 1 next tokens; windows shorter than 2 tokens are
+    dropped, and the last window is cut so that at most ``max_tokens`` tokens are scored.
+    """
+    windows, budget = [], max_tokens
+    for document, ids in enumerate(documents):
+        for start in range(0, len(ids), seq_len):
+            piece = ids[start : start + seq_len][: budget + 1]
+            if len(piece) < 2:
+                continue
+            windows.append(Window(document, piece))
+            budget -= len(piece) - 1
+            if budget == 0:
+                return windows
+    return windows
+
+
+def right_pad(rows: list[list[int]]) -> tuple[torch.LongTensor, torch.LongTensor]:
+    """Token rows as right-padded input_ids [B, L] and attention_mask [B, L].
+
+    The padding id is 0: any id in the vocabulary works, as the mask hides it.
+    """
+    length = max(len(row) for row in rows)
+    ids = torch.zeros((len(rows), length), dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def score_windows(
+    model, windows: list[Window], batch_size: int, generator: torch.Generator, progress: bool = False
+) -> TokenScores:
+    """Base and talk NLL of every next token of ``windows``.
+
+    The windows are scored in order, ``batch_size`` at a time, each batch right padded and
+    run through one forward of ``model`` with token-parallel thoughts sampled by ``generator``.
+    """
+    device = next(model.parameters()).device
+    scores = TokenScores()
+    for start in tqdm(range(0, len(windows), batch_size), desc="scoring", unit="batch", disable=not progress):
+        batch = windows[start : start + batch_size]
+        ids, mask = right_pad([window.ids for window in batch])
+        out = model(ids.to(device), mask.to(device), generator=generator)
+        base, talk, _ = next_token_nlls(out)
+        for row, window in enumerate(batch):
+            n = len(window.ids) - 1
+            scores.base.append(base[row, :n].float().cpu())
+            scores.talk.append(talk[row, :n].float().cpu())
+            scores.thoughts.append(out.thoughts[row, :n, 0].cpu())
+    return scores
+
+
+def token_stats(base: torch.Tensor, talk: torch.Tensor) -> dict[str, Any]:
+    """Count, mean base NLL, mean talk NLL, mean improvement and fraction improved (talk < base) of [N] tokens.
+
+    The means are None when N = 0.
+    """
+    if base.numel() == 0:
+        return {"count": 0, "base_nll": None, "talk_nll": None, "mean_improvement": None, "improved_fraction": None}
+    base, talk = base.double(), talk.double()
+    return {
+        "count": base.numel(),
+        "base_nll": base.mean().item(),
+        "talk_nll": talk.mean().item(),
+        "mean_improvement": (base - talk).mean().item(),
+        "improved_fraction": (talk < base).double().mean().item(),
+    }
+
+
+def difficulty_bins(
+    base: torch.Tensor, talk: torch.Tensor, edges: tuple[float, ...] = DIFFICULTY_EDGES
+) -> list[dict[str, Any]]:
+    """One dict per difficulty bin lo <= base NLL < hi of the [N] tokens: ``lo``, ``hi`` (None for inf) and ``token_stats``."""
+    bins = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        inside = (base >= lo) & (base < hi)
+        bins.append({"lo": lo, "hi": None if math.isinf(hi) else hi, **token_stats(base[inside], talk[inside])})
+    return bins
+
+
+def summary(base: torch.Tensor, talk: torch.Tensor) -> dict[str, Any]:
+    """Totals over N >= 1 scored tokens (base, talk: [N]).
+
+    Keys: tokens, base_nll, talk_nll, base_ppl, talk_ppl (exp of the mean NLL), mean_improvement, improved_fraction.
+    """
+    stats = token_stats(base, talk)
+    return {
+        "tokens": stats["count"],
+        "base_nll": stats["base_nll"],
+        "talk_nll": stats["talk_nll"],
+        "base_ppl": math.exp(stats["base_nll"]),
+        "talk_ppl": math.exp(stats["talk_nll"]),
+        "mean_improvement": stats["mean_improvement"],
+        "improved_fraction": stats["improved_fraction"],
+    }
+
+
+def write_report(path: Path, report: dict[str, Any]) -> None:
+    path.write_text(json.dumps(report, indent=2) + "\n")
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """Settings of ``python -m quietstar.perplexity``.
+
+    Attributes:
+        model: a saved QuietStarModel dir (e.g. ``<output-dir>/final``), a plain HF model dir, or ``smollm2-135m``.
+        data_file: held-out text: a ``.txt`` file (one document) or ``.jsonl`` (one object per line).
+        output_dir: where report.json, difficulty.png and tokens.html go.
+        text_field: the field holding the text in ``.jsonl`` records.
+        seq_len: tokens per scored window.
+        batch_size: windows per forward.
+        max_tokens: score at most this many tokens.
+        max_documents: read at most this many documents (None: all).
+        html_tokens: tokens shown in tokens.html.
+        seed: seed of the thought sampler.
+        device: ``auto`` (CUDA if available), ``cpu``, ``cuda`` or ``cuda:N``.
+    """
+
+    model: str = ""
+    data_file: str = ""
+    output_dir: str = ""
+    text_field: str = "text"
+    seq_len: int = 256
+    batch_size: int = 4
+    max_tokens: int = 20000
+    max_documents: int | None = None
+    html_tokens: int = 4000
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("model", "data_file", "output_dir"):
+            require(isinstance(getattr(self, name), str) and getattr(self, name) != "", self, name, "is required")
+        require(is_int(self.seq_len) and self.seq_len >= 2, self, "seq_len", "must be an integer >= 2")
+        require(is_int(self.batch_size) and self.batch_size >= 1, self, "batch_size", "must be an integer >= 1")
+        require(is_int(self.max_tokens) and self.max_tokens >= 1, self, "max_tokens", "must be an integer >= 1")
+        require(self.max_documents is None or (is_int(self.max_documents) and self.max_documents >= 1), self,
+                "max_documents", "must be an integer >= 1")
+        require(is_int(self.html_tokens) and self.html_tokens >= 0, self, "html_tokens", "must be an integer >= 0")
+        require(is_int(self.seed), self, "seed", "must be an integer")
+        require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), self, "device",
+                "must be auto, cpu, cuda or cuda:N")
+
+
+def build_report(config: ReportConfig, model, windows: list[Window], scores: TokenScores, seconds: float) -> dict[str, Any]:
+    """The content of report.json.
+
+    Keys: model, data_file, documents (with a scored window), windows, the ``summary`` keys,
+    bins (``difficulty_bins``), settings, and seconds (reading, loading and scoring).
+    """
+    base, talk = scores.flat()
+    cfg = model.config
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("model", "data_file", "output_dir")}
+    return {
+        "model": config.model,
+        "data_file": config.data_file,
+        "documents": len({window.document for window in windows}),
+        "windows": len(windows),
+        **summary(base, talk),
+        "bins": difficulty_bins(base, talk),
+        "settings": {**settings, "thought_len": cfg.thought_len, "n_thoughts": cfg.n_thoughts, "n_true": cfg.n_true,
+                     "sample_temperature": cfg.sample_temperature},
+        "seconds": seconds,
+    }
+
+
+def print_summary(report: dict[str, Any], paths: list[Path]) -> None:
+    """The totals as a small table on stdout, and the files written."""
+    print(f"\ntokens scored  {report['tokens']} ({report['documents']} documents, {report['windows']} windows)")
+    print(f"{'':14} {'NLL':>8} {'ppl':>10}")
+    print(f"{'base':14} {report['base_nll']:>8.4f} {report['base_ppl']:>10.5g}")
+    print(f"{'talk':14} {report['talk_nll']:>8.4f} {report['talk_ppl']:>10.5g}")
+    improved = 100 * report["improved_fraction"]
+    print(f"improvement    {report['mean_improvement']:+.4f} nats per token, {improved:.1f}% of tokens improved")
+    for path in paths:
+        print(f"wrote {path}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="a YAML file of ReportConfig / QuietStarConfig fields (flags override it)")
+    add_dataclass_arguments(parser, ReportConfig, f"report (--model, --data-file and --output-dir are required; model may be '{SMOLLM2}')")
+    add_dataclass_arguments(parser, QuietStarConfig, "Quiet-STaR settings (for a plain base model; a saved model keeps its own)")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    values = load_yaml(args.config)
+    config = build_config(ReportConfig, values, args)
+    started = time.perf_counter()
+    texts = read_documents(Path(config.data_file), config.text_field, config.max_documents)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device
+    model = load_model(config.model, build_config(QuietStarConfig, values, args)).eval().to(device)
+    tokenizer = model.tokenizer
+    documents = (tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts)
+    windows = make_windows(documents, config.seq_len, config.max_tokens)
+    if not windows:
+        raise ValueError(f"{config.data_file}: no text to score (no document has 2 or more tokens)")
+    scores = score_windows(model, windows, config.batch_size, torch.Generator().manual_seed(config.seed), progress=True)
+    report = build_report(config, model, windows, scores, time.perf_counter() - started)
+    output_dir = Path(config.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    paths = [output_dir / name for name in ("report.json", "difficulty.png", "tokens.html")]
+    write_report(paths[0], report)
+    write_png(paths[1], report["bins"], f"Improvement from thoughts by token difficulty\n{config.model}")
+    write_html(paths[2], report, windows, scores, tokenizer, config.html_tokens)
+    print_summary(report, paths)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m quietstar.perplexity", description="perplexity report with and without thoughts on held-out text"
+    )
+    add_arguments(parser)
+    return run_command("perplexity", run, parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -57,3 +57,16 @@ def test_right_padded_prompts_are_rejected():
     ids, mask = left_padded_prompts()
     with pytest.raises(ValueError, match="left padded"):
         generate(model, ids, mask.flip(dims=[1]))
+
+
+def test_rows_stop_at_a_stop_token_and_are_filled_with_eos():
+    model = model_with_live_head()
+    ids, mask = left_padded_prompts()
+    free = generate(model, ids, mask, max_new_tokens=8, thoughts=False).sequences[:, 5:]
+    stop = int(free[0, 2])  # row 0 emits this token third
+    out = generate(model, ids, mask, max_new_tokens=8, thoughts=False, eos_token_id=2, stop_token_ids=[stop]).sequences[:, 5:]
+    for row, new in zip(free.tolist(), out.tolist()):
+        end = row.index(stop) + 1 if stop in row else len(row)
+        assert new[:end] == row[:end] and all(token == 2 for token in new[end:])
+    with pytest.raises(ValueError, match="needs eos_token_id"):
+        generate(model, ids, mask, stop_token_ids=[stop])

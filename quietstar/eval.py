@@ -1,0 +1,336 @@
+"""Zero-shot GSM8K and CommonsenseQA, with and without thoughts, on one model in one run.
+
+    python -m quietstar.eval --model runs/demo/final --task gsm8k --data-file gsm8k_test.jsonl --limit 200 --output gsm8k.json
+
+Two metrics, each for ``base`` (the model without thoughts) and ``thoughts`` (a
+thought before every answer token, mixed in by the mixing head):
+
+    score         the paper's probability-based score. GSM8K: P(" {gold answer}" | prompt),
+                  the product over the answer's tokens, teacher forced. CommonsenseQA:
+                  P(gold letter) renormalised over the choice letters. With thoughts, a
+                  fresh thought is sampled before every answer token and the probability
+                  is averaged over ``thought_samples`` independent draws.
+    exact_match   greedy decoding, then answer extraction (``eval_tasks``), against the gold.
+
+Also reported: ``gold_logprob`` (the mean log of the score's probability), for
+CommonsenseQA ``choice_accuracy`` (the gold letter has the highest probability),
+standard errors, generation tokens/s, and with ``--cot-samples N`` a zero-shot
+chain-of-thought majority vote over N sampled chains. Items are processed in
+batches sorted by prompt length; every number is reproducible for a seed and a
+batch size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from quietstar.cli_config import add_dataclass_arguments, build_config, is_int, is_number, load_yaml, require, run_command
+from quietstar.config import QuietStarConfig
+from quietstar.eval_tasks import COT_TRIGGER, TASKS, EvalItem, extract_answer, load_items
+from quietstar.generation import generate, predict_continuation
+from quietstar.loading import load_model
+from quietstar.model import QuietStarModel
+from quietstar.offline import SMOLLM2
+
+MODES = ("base", "thoughts")
+DEFAULT_MAX_NEW_TOKENS = {"gsm8k": 16, "csqa": 8}
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Settings of ``python -m quietstar.eval``.
+
+    Attributes:
+        model: a saved QuietStarModel dir, a plain HF model dir, a hub id, or ``smollm2-135m``.
+            A plain model gets fresh Quiet-STaR modules, so its ``thoughts`` numbers equal ``base``.
+        task: ``gsm8k`` or ``csqa``.
+        data_file: a local jsonl, or a hub dataset name; None reads the task's hub default.
+        limit: evaluate only the first ``limit`` items.
+        output: where to write the JSON report (None: print only).
+        batch_size: prompts per batch.
+        thought_samples: independent thought draws averaged in the ``thoughts`` score.
+        max_new_tokens: greedy tokens for exact match (None: 16 for gsm8k, 8 for csqa).
+        greedy_thoughts: argmax thought tokens instead of sampling them.
+        seed: seed of every sampled thought and chain.
+        cot_samples: chains of thought sampled per item for the majority vote (0: off).
+        cot_temperature: sampling temperature of the chains.
+        cot_max_new_tokens: length limit of each chain.
+    """
+
+    model: str = SMOLLM2
+    task: str = ""
+    data_file: str | None = None
+    limit: int | None = None
+    output: str | None = None
+    batch_size: int = 16
+    thought_samples: int = 2
+    max_new_tokens: int | None = None
+    greedy_thoughts: bool = False
+    seed: int = 0
+    cot_samples: int = 0
+    cot_temperature: float = 0.7
+    cot_max_new_tokens: int = 128
+
+    def __post_init__(self) -> None:
+        require(self.task in TASKS, self, "task", f"must be one of {', '.join(TASKS)}")
+        require(self.limit is None or (is_int(self.limit) and self.limit >= 1), self, "limit", "must be an integer >= 1")
+        require(is_int(self.batch_size) and self.batch_size >= 1, self, "batch_size", "must be an integer >= 1")
+        require(is_int(self.thought_samples) and self.thought_samples >= 1, self, "thought_samples", "must be an integer >= 1")
+        require(self.max_new_tokens is None or (is_int(self.max_new_tokens) and self.max_new_tokens >= 1), self,
+                "max_new_tokens", "must be an integer >= 1")
+        require(is_int(self.seed), self, "seed", "must be an integer")
+        require(is_int(self.cot_samples) and self.cot_samples >= 0, self, "cot_samples", "must be an integer >= 0")
+        require(is_number(self.cot_temperature) and self.cot_temperature > 0, self, "cot_temperature", "must be a number > 0")
+        require(is_int(self.cot_max_new_tokens) and self.cot_max_new_tokens >= 1, self, "cot_max_new_tokens", "must be an integer >= 1")
+
+    @property
+    def new_tokens(self) -> int:
+        return self.max_new_tokens if self.max_new_tokens is not None else DEFAULT_MAX_NEW_TOKENS[self.task]
+
+
+# --- the probability metric ----------------------------------------------------------------------------
+
+
+def choice_token_ids(tokenizer, labels: tuple[str, ...]) -> list[int]:
+    """The token of " A", " B", ... after "A:"; each label must be one token."""
+    ids = []
+    for label in labels:
+        tokens = tokenizer(" " + label, add_special_tokens=False)["input_ids"]
+        if len(tokens) != 1:
+            raise ValueError(f"choice label {label!r} is {len(tokens)} tokens for this tokenizer; the letter score needs one")
+        ids.append(tokens[0])
+    return ids
+
+
+def left_padded(tokenizer, texts: list[str], device: torch.device) -> tuple[torch.LongTensor, torch.Tensor]:
+    """Tokenize prompts into a left-padded batch: (input_ids [B, P], attention_mask [B, P])."""
+    rows = [tokenizer(text)["input_ids"] for text in texts]
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r)
+        mask[i, width - len(r):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def gold_logprobs(model: QuietStarModel, items: list[EvalItem], samples: int, *, greedy_thoughts: bool = False,
+                  generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """log P(gold) of each item [B], for ``base`` and averaged over ``samples`` thought draws for ``thoughts``.
+
+    GSM8K: the gold answer " N" teacher forced after the prompt, summed over its tokens.
+    CommonsenseQA: the gold letter's probability renormalised over the item's letters.
+    ``thoughts`` averages probabilities (not log-probabilities) over the draws.
+    Also, for CommonsenseQA, ``*_correct`` [B]: the gold letter has the highest probability.
+    """
+    tokenizer, device = model.tokenizer, next(model.parameters()).device
+    ids, mask = left_padded(tokenizer, [item.prompt for item in items], device)
+    if items[0].labels:
+        continuation = torch.zeros(len(items), 1, dtype=torch.long, device=device)
+    else:
+        answers = [tokenizer(" " + item.gold, add_special_tokens=False)["input_ids"] for item in items]
+        continuation = torch.zeros(len(items), max(len(a) for a in answers), dtype=torch.long, device=device)
+        answer_mask = torch.zeros_like(continuation, dtype=torch.bool)
+        for i, a in enumerate(answers):
+            continuation[i, : len(a)] = torch.tensor(a)
+            answer_mask[i, : len(a)] = True
+    # every item once per draw: rows [item 0 draw 0, item 0 draw 1, ..., item 1 draw 0, ...]
+    pred = predict_continuation(model, ids.repeat_interleave(samples, 0), mask.repeat_interleave(samples, 0),
+                                continuation.repeat_interleave(samples, 0), greedy_thoughts=greedy_thoughts, generator=generator)
+    out = {}
+    for mode, logprobs in (("base", pred.base_logprobs[::samples]), ("thoughts", pred.talk_logprobs)):
+        if items[0].labels:
+            letters = torch.tensor([choice_token_ids(tokenizer, item.labels) for item in items], device=device)  # [B, C]
+            gold = torch.tensor([item.labels.index(item.gold) for item in items], device=device)
+            letter_logprobs = logprobs[:, 0].gather(1, letters.repeat_interleave(len(logprobs) // len(items), 0))
+            probs = letter_logprobs.softmax(dim=-1).view(len(items), -1, letters.shape[1]).mean(dim=1)  # [B, C]
+            out[mode] = probs.gather(1, gold[:, None]).squeeze(1).log()
+            out[f"{mode}_correct"] = probs.argmax(dim=1) == gold
+        else:
+            rows = len(logprobs) // len(items)
+            token_lp = logprobs.gather(2, continuation.repeat_interleave(rows, 0)[..., None]).squeeze(-1)
+            total = token_lp.masked_fill(~answer_mask.repeat_interleave(rows, 0), 0.0).sum(dim=1)  # [B * rows]
+            out[mode] = total.view(len(items), rows).logsumexp(dim=1) - math.log(rows)
+    return out
+
+
+# --- generation ---------------------------------------------------------------------------------------
+
+
+def newline_token_ids(tokenizer, blank_line: bool = False) -> list[int]:
+    """Ids of the tokens whose text contains a newline (``blank_line``: two newlines)."""
+    needle = "\n\n" if blank_line else "\n"
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    return [i for i, text in enumerate(texts) if needle in text]
+
+
+def completions(model: QuietStarModel, prompts: list[str], thoughts: bool, *, greedy: bool, temperature: float,
+                max_new_tokens: int, stop_token_ids: list[int], greedy_thoughts: bool, generator: torch.Generator,
+                device: torch.device) -> tuple[list[str], int]:
+    """Generated text after each prompt (up to EOS), and the number of tokens generated."""
+    tokenizer = model.tokenizer
+    ids, mask = left_padded(tokenizer, prompts, device)
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no EOS token; generation needs one to mark finished rows")
+    out = generate(model, ids, mask, max_new_tokens=max_new_tokens, thoughts=thoughts, greedy=greedy, temperature=temperature,
+                   greedy_thoughts=greedy_thoughts, eos_token_id=eos, stop_token_ids=stop_token_ids, generator=generator)
+    texts, count = [], 0
+    for row in out.sequences[:, ids.shape[1]:].tolist():
+        if eos in row:
+            row = row[: row.index(eos)]
+        count += len(row)
+        texts.append(tokenizer.decode(row, skip_special_tokens=True))
+    return texts, count
+
+
+def majority(answers: list[str | None]) -> str | None:
+    """The most common extracted answer (the earliest on ties); None if no chain gave one."""
+    counts = Counter(a for a in answers if a is not None)
+    if not counts:
+        return None
+    best = max(counts.values())
+    return next(a for a in answers if a is not None and counts[a] == best)
+
+
+# --- the run ------------------------------------------------------------------------------------------
+
+
+def _stats(values: list[float]) -> tuple[float, float]:
+    """Mean and its standard error."""
+    n = len(values)
+    mean = sum(values) / n
+    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
+    return mean, math.sqrt(var / n)
+
+
+def evaluate(model: QuietStarModel, items: list[EvalItem], config: EvalConfig, progress: bool = True) -> dict:
+    """Score ``items`` with and without thoughts; the report as a JSON-ready dict."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    tokenizer = model.tokenizer
+    answer_stops = newline_token_ids(tokenizer)
+    chain_stops = newline_token_ids(tokenizer, blank_line=True) if config.cot_samples else []
+    results = [{"id": item.id, "gold": item.gold} for item in items]
+    seconds = {"score": 0.0, **{f"generate_{mode}": 0.0 for mode in MODES}, "cot": 0.0}
+    generated = dict.fromkeys(MODES, 0)
+    order = sorted(range(len(items)), key=lambda i: len(items[i].prompt))
+    bar = tqdm(total=len(items), desc=f"{config.task} eval", unit="item", disable=not progress)
+    for start in range(0, len(order), config.batch_size):
+        index = order[start : start + config.batch_size]
+        batch = [items[i] for i in index]
+        started = time.perf_counter()
+        logprobs = gold_logprobs(model, batch, config.thought_samples, greedy_thoughts=config.greedy_thoughts, generator=generator)
+        seconds["score"] += time.perf_counter() - started
+        for mode in MODES:
+            started = time.perf_counter()
+            texts, count = completions(
+                model, [item.prompt for item in batch], mode == "thoughts", greedy=True, temperature=1.0,
+                max_new_tokens=config.new_tokens, stop_token_ids=answer_stops, greedy_thoughts=config.greedy_thoughts,
+                generator=generator, device=device)
+            seconds[f"generate_{mode}"] += time.perf_counter() - started
+            generated[mode] += count
+            for row, (i, item, text) in enumerate(zip(index, batch, texts)):
+                answer = extract_answer(item, text)
+                results[i][mode] = {"gold_logprob": float(logprobs[mode][row]), "completion": text, "answer": answer,
+                                    "exact_match": answer == item.gold}
+                if f"{mode}_correct" in logprobs:
+                    results[i][mode]["choice_correct"] = bool(logprobs[f"{mode}_correct"][row])
+            if config.cot_samples:
+                started = time.perf_counter()
+                chains, _ = completions(
+                    model, [item.prompt + COT_TRIGGER for item in batch for _ in range(config.cot_samples)],
+                    mode == "thoughts", greedy=False, temperature=config.cot_temperature,
+                    max_new_tokens=config.cot_max_new_tokens, stop_token_ids=chain_stops,
+                    greedy_thoughts=config.greedy_thoughts, generator=generator, device=device)
+                seconds["cot"] += time.perf_counter() - started
+                for row, (i, item) in enumerate(zip(index, batch)):
+                    mine = [c.split("\nQ:")[0] for c in chains[row * config.cot_samples : (row + 1) * config.cot_samples]]
+                    vote = majority([extract_answer(item, chain, chain_of_thought=True) for chain in mine])
+                    results[i][mode].update(cot_chains=mine, cot_answer=vote, cot_correct=vote == item.gold)
+        bar.update(len(batch))
+    bar.close()
+
+    report = {"task": config.task, "n": len(items)}
+    for mode in MODES:
+        rows = [r[mode] for r in results]
+        score, score_se = _stats([math.exp(r["gold_logprob"]) for r in rows])
+        em, em_se = _stats([float(r["exact_match"]) for r in rows])
+        report[mode] = {"score": score, "score_stderr": score_se, "exact_match": em, "exact_match_stderr": em_se,
+                        "gold_logprob": sum(r["gold_logprob"] for r in rows) / len(rows)}
+        if "choice_correct" in rows[0]:
+            report[mode]["choice_accuracy"] = sum(r["choice_correct"] for r in rows) / len(rows)
+        if config.cot_samples:
+            report[mode]["cot_majority"] = sum(r["cot_correct"] for r in rows) / len(rows)
+        report[mode]["generation_tokens_per_s"] = generated[mode] / max(seconds[f"generate_{mode}"], 1e-9)
+    report["settings"] = {**dataclasses.asdict(config), "max_new_tokens": config.new_tokens,
+                          "thought_len": model.config.thought_len, "sample_temperature": model.config.sample_temperature}
+    report["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
+    report["items"] = results
+    return report
+
+
+def format_table(report: dict) -> str:
+    """The report's metrics as a fixed-width table."""
+    names = [("score", "score (P of gold)"), ("gold_logprob", "mean log P(gold)"), ("choice_accuracy", "choice accuracy"),
+             ("exact_match", "exact match (greedy)"), ("cot_majority", "CoT majority vote"),
+             ("generation_tokens_per_s", "generation tokens/s")]
+    lines = [f"{report['task']}: {report['n']} items, thought_len M={report['settings']['thought_len']}",
+             f"{'metric':<24}{'base':>18}{'thoughts':>18}"]
+    for key, label in names:
+        if key not in report["base"]:
+            continue
+        cells = []
+        for mode in MODES:
+            value, se = report[mode][key], report[mode].get(f"{key}_stderr")
+            cells.append(f"{value:.4f} ± {se:.4f}" if se is not None else f"{value:.4f}")
+        lines.append(f"{label:<24}{cells[0]:>18}{cells[1]:>18}")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="a YAML file of EvalConfig / QuietStarConfig fields (flags override it)")
+    add_dataclass_arguments(parser, EvalConfig, "evaluation")
+    add_dataclass_arguments(parser, QuietStarConfig, "Quiet-STaR settings (for a plain base model; a saved model keeps its own)")
+
+
+def run(args: argparse.Namespace) -> dict:
+    values = load_yaml(args.config)
+    config = build_config(EvalConfig, values, args)
+    items = load_items(config.task, config.data_file, config.limit)
+    model = load_model(config.model, build_config(QuietStarConfig, values, args)).eval()
+    if torch.cuda.is_available():
+        model.cuda()
+    report = evaluate(model, items, config)
+    report["model"], report["data"] = config.model, config.data_file
+    print(format_table(report))
+    if config.output:
+        path = Path(config.output)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(json.dumps(report, indent=1) + "\n")
+        partial.replace(path)
+        print(f"report: {path}")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m quietstar.eval", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return run_command("eval", run, parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
