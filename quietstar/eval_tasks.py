@@ -190,8 +190,10 @@ def load_items(task: str, data_file: str | None = None, limit: int | None = None
         raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be >= 1, got {limit}")
-    if data_file is not None and (Path(data_file).suffix == ".jsonl" or Path(data_file).exists()):
-        return read_jsonl(data_file, task, limit)
+    looks_local = data_file is not None and (
+        Path(data_file).suffix in (".jsonl", ".json") or data_file.startswith((".", "/", "~")) or Path(data_file).exists())
+    if looks_local:
+        return read_jsonl(Path(data_file).expanduser(), task, limit)
     from datasets import load_dataset  # only for hub data
 
     name, config, split = HUB[task]

@@ -25,3 +25,21 @@ def test_train_step_benchmark_writes_its_rows(tmp_path):
     assert {r["formulation"] for r in generation} == {"thoughts", "no thoughts"}
     assert all(r["tokens_per_s"] > 0 for r in generation)
     assert "efficient/oracle" in done.stdout or "/oracle time" in done.stdout
+
+
+def test_generation_benchmark_writes_its_rows(tmp_path):
+    import torch
+    from helpers import move_off_init, tiny_lm, tiny_tokenizer
+
+    from quietstar import QuietStarConfig, QuietStarModel
+
+    torch.manual_seed(0)
+    move_off_init(QuietStarModel(tiny_lm("llama"), tiny_tokenizer(), QuietStarConfig(thought_len=2))).save_pretrained(tmp_path / "model")
+    out = tmp_path / "rows.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "generation.py"), "--model", str(tmp_path / "model"), "--batch-sizes", "1", "3",
+           "--new-tokens", "3", "--repeats", "1", "--json", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(out.read_text())
+    assert [r["batch"] for r in rows] == [1, 3]
+    assert all(r["thought_len"] == 2 and r["tokens_per_s_thoughts"] > 0 and r["tokens_per_s_no_thoughts"] > 0 for r in rows)
