@@ -247,6 +247,8 @@ def test_eval_cli_writes_the_contract_report(tmp_path, capsys, task):
     for mode in ("base", "thoughts"):
         for key in ("score", "exact_match", "cot_majority"):
             assert 0.0 <= report[mode][key] <= 1.0, (mode, key)
+    gains = [item["thoughts"]["gold_logprob"] - item["base"]["gold_logprob"] for item in report["items"]]
+    assert report["paired"]["gold_logprob_gain"] == pytest.approx(sum(gains) / len(gains))
     printed = capsys.readouterr().out
     assert "exact match (greedy)" in printed and "score (P of gold)" in printed
     # the recorded base completion is transformers' greedy decoding of the prompt, up to the first newline/EOS
