@@ -290,19 +290,24 @@ class TokenStream:
             yield torch.stack([next(sequences) for _ in range(batch_size)])
 
 
+def pad_rows(rows: list[list[int]], pad_id: int = 0, left: bool = False) -> tuple[torch.LongTensor, torch.LongTensor]:
+    """Token rows as one batch: (input_ids [B, L], attention_mask [B, L]), padded on the right (or the left).
+
+    The attention mask hides the padding, so any id in the vocabulary works as ``pad_id``.
+    """
+    length = max(len(row) for row in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(length - len(row), length) if left else slice(0, len(row))
+        ids[i, span] = torch.tensor(row, dtype=torch.long)
+        mask[i, span] = 1
+    return ids, mask
+
+
 def heldout_batches(texts: list[str], tokenizer, seq_len: int, batch_size: int) -> list[tuple[torch.LongTensor, torch.Tensor]]:
     """Fixed held-out batches: each text's first ``seq_len`` tokens, right padded; (input_ids, attention_mask) pairs."""
     rows = [tokenizer(t, add_special_tokens=False)["input_ids"][:seq_len] for t in texts]
     rows = [r for r in rows if len(r) >= 2]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    out = []
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        length = max(len(r) for r in chunk)
-        ids = torch.full((len(chunk), length), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), length), dtype=torch.long)
-        for i, r in enumerate(chunk):
-            ids[i, : len(r)] = torch.tensor(r)
-            mask[i, : len(r)] = 1
-        out.append((ids, mask))
-    return out
+    return [pad_rows(rows[start : start + batch_size], pad) for start in range(0, len(rows), batch_size)]

@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from quietstar.cli_config import add_dataclass_arguments, build_config, is_int, is_number, load_yaml, require, run_command
 from quietstar.config import QuietStarConfig
+from quietstar.data import pad_rows
 from quietstar.eval_tasks import COT_TRIGGER, TASKS, EvalItem, extract_answer, load_items
 from quietstar.generation import generate, predict_continuation
 from quietstar.loading import load_model
@@ -117,14 +118,8 @@ def choice_token_ids(tokenizer, labels: tuple[str, ...]) -> list[int]:
 
 def left_padded(tokenizer, texts: list[str], device: torch.device) -> tuple[torch.LongTensor, torch.Tensor]:
     """Tokenize prompts into a left-padded batch: (input_ids [B, P], attention_mask [B, P])."""
-    rows = [tokenizer(text)["input_ids"] for text in texts]
-    width = max(len(r) for r in rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r)
-        mask[i, width - len(r):] = 1
+    ids, mask = pad_rows([tokenizer(text)["input_ids"] for text in texts], pad, left=True)
     return ids.to(device), mask.to(device)
 
 
@@ -151,11 +146,12 @@ def gold_logprobs(model: QuietStarModel, items: list[EvalItem], samples: int, *,
     # every item once per draw: rows [item 0 draw 0, item 0 draw 1, ..., item 1 draw 0, ...]
     pred = predict_continuation(model, ids.repeat_interleave(samples, 0), mask.repeat_interleave(samples, 0),
                                 continuation.repeat_interleave(samples, 0), greedy_thoughts=greedy_thoughts, generator=generator)
+    if items[0].labels:
+        letters = torch.tensor([choice_token_ids(tokenizer, item.labels) for item in items], device=device)  # [B, C]
+        gold = torch.tensor([item.labels.index(item.gold) for item in items], device=device)
     out = {}
     for mode, logprobs in (("base", pred.base_logprobs[::samples]), ("thoughts", pred.talk_logprobs)):
         if items[0].labels:
-            letters = torch.tensor([choice_token_ids(tokenizer, item.labels) for item in items], device=device)  # [B, C]
-            gold = torch.tensor([item.labels.index(item.gold) for item in items], device=device)
             letter_logprobs = logprobs[:, 0].gather(1, letters.repeat_interleave(len(logprobs) // len(items), 0))
             probs = letter_logprobs.softmax(dim=-1).view(len(items), -1, letters.shape[1]).mean(dim=1)  # [B, C]
             out[mode] = probs.gather(1, gold[:, None]).squeeze(1).log()

@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from quietstar.cli_config import add_dataclass_arguments, build_config, is_int, load_yaml, require, run_command
 from quietstar.config import QuietStarConfig
-from quietstar.data import jsonl_records
+from quietstar.data import jsonl_records, pad_rows
 from quietstar.loading import load_model
 from quietstar.offline import SMOLLM2
 from quietstar.reports import write_html, write_png
@@ -162,20 +162,6 @@ def make_windows(documents: Iterable[list[int]], seq_len: int, max_tokens: int) 
     return windows
 
 
-def right_pad(rows: list[list[int]]) -> tuple[torch.LongTensor, torch.LongTensor]:
-    """Token rows as right-padded input_ids [B, L] and attention_mask [B, L].
-
-    The padding id is 0: any id in the vocabulary works, as the mask hides it.
-    """
-    length = max(len(row) for row in rows)
-    ids = torch.zeros((len(rows), length), dtype=torch.long)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row)
-        mask[i, : len(row)] = 1
-    return ids, mask
-
-
 @torch.no_grad()
 def score_windows(
     model, windows: list[Window], batch_size: int, generator: torch.Generator, progress: bool = False
@@ -189,7 +175,7 @@ def score_windows(
     scores = TokenScores()
     for start in tqdm(range(0, len(windows), batch_size), desc="scoring", unit="batch", disable=not progress):
         batch = windows[start : start + batch_size]
-        ids, mask = right_pad([window.ids for window in batch])
+        ids, mask = pad_rows([window.ids for window in batch])
         out = model(ids.to(device), mask.to(device), generator=generator)
         base, talk, _ = next_token_nlls(out)
         for row, window in enumerate(batch):
