@@ -10,11 +10,18 @@ from quietstar.cli_config import is_int, is_number, require
 from quietstar.thought_attention import BACKENDS
 
 FORMULATIONS = ("efficient", "sequential")
+LOSS_REDUCTIONS = ("reference", "token")
 
 
 @dataclass(frozen=True)
 class QuietStarConfig:
-    """Settings of Quiet-STaR (Zelikman et al., 2024). Defaults follow the paper.
+    """Settings of Quiet-STaR (Zelikman et al., 2024). Defaults follow the reference code's objective.
+
+    The defaults reproduce what the public reference code (ezelikman/quiet-star)
+    trains: ``n_ahead = 12`` (9 sampled tokens), ``n_ahead_talk = 4``, ``n_passes = 2``,
+    ``0.5 * base NLL + 0.5 * talk NLL + 1e6 * policy`` with the policy scored at
+    temperature 3 and reduced per thought token, and a two-layer mixing head of
+    the model's width. The README maps every reference hyperparameter to a field.
 
     Attributes:
         thought_len: M, sampled tokens between ``<sot>`` and ``<eot>``.
@@ -23,15 +30,28 @@ class QuietStarConfig:
             the mean over the other thoughts at the same position.
         sample_temperature: temperature used to sample thought tokens.
         policy_temperature: temperature of the log-probabilities in the REINFORCE
-            loss; ``None`` means "same as ``sample_temperature``" (the reference code
-            used a mismatched 3.0; set it explicitly to reproduce that).
-        base_loss_weight: weight of the plain next-token NLL of the unchanged model.
-        talk_loss_weight: weight of the NLL of the mixed ("talk") prediction.
-        policy_loss_weight: weight of the REINFORCE loss on the thought tokens.
+            loss (the reference: 3, while it samples at 1); ``None`` means "same as
+            ``sample_temperature``".
+        base_loss_weight: weight of the plain next-token NLL of the unchanged model
+            (the reference's ``original_loss_weight``).
+        talk_loss_weight: weight of the NLL of the mixed ("talk") prediction
+            (the reference: ``1 - original_loss_weight``).
+        policy_loss_weight: weight of the REINFORCE loss on the thought tokens
+            (the reference's ``policy_loss_beta``).
+        loss_reduction: how the talk NLL and the policy loss are averaged.
+            ``reference``: the talk NLL is the mean over j = 1..K of the mean NLL
+            of target j; the policy loss is ``-r+ * log p(z_i)`` averaged, for each
+            thought token i, over all rows and thoughts at the first L - 1 - K
+            positions (padding included, as the reference does), then averaged
+            over the M tokens. ``token``: the talk NLL is the mean over all valid
+            (t, r, j); the policy loss is ``-r+ * sum_i log p(z_i)`` averaged over
+            the valid (t, r).
         positive_rewards_only: keep only rewards > 0 in the policy loss (paper).
         thought_lr_multiplier: learning-rate multiplier of the ``<sot>``/``<eot>``
             embeddings relative to the rest of the model.
-        mixing_head_width: hidden width of the mixing head's MLP.
+        mixing_head_layers: hidden layers of the mixing head's MLP (the reference: 2).
+        mixing_head_width: width of those layers; ``None`` means the model's hidden size
+            (the reference).
         marker_init_text: text whose mean token embedding initialises both markers.
         formulation: ``efficient`` samples the thoughts without gradients and
             replays the step in one forward with block-structured attention
@@ -43,17 +63,19 @@ class QuietStarConfig:
             (plain tensor ops; any device) or ``auto`` (flex on CUDA, else torch).
     """
 
-    thought_len: int = 12
+    thought_len: int = 9
     n_true: int = 4
     n_thoughts: int = 2
     sample_temperature: float = 1.0
-    policy_temperature: float | None = None
-    base_loss_weight: float = 0.0
-    talk_loss_weight: float = 1.0
-    policy_loss_weight: float = 1.0
+    policy_temperature: float | None = 3.0
+    base_loss_weight: float = 0.5
+    talk_loss_weight: float = 0.5
+    policy_loss_weight: float = 1e6
+    loss_reduction: str = "reference"
     positive_rewards_only: bool = True
     thought_lr_multiplier: float = 100.0
-    mixing_head_width: int = 256
+    mixing_head_layers: int = 2
+    mixing_head_width: int | None = None
     marker_init_text: str = "---"
     formulation: str = "efficient"
     attention_backend: str = "auto"
@@ -79,9 +101,16 @@ class QuietStarConfig:
             "talk_loss_weight",
             "base_loss_weight, talk_loss_weight and policy_loss_weight are all 0, so there is nothing to train",
         )
+        require(self.loss_reduction in LOSS_REDUCTIONS, self, "loss_reduction", f"must be one of {', '.join(LOSS_REDUCTIONS)}")
         require(isinstance(self.positive_rewards_only, bool), self, "positive_rewards_only", "must be true or false")
         require(is_number(self.thought_lr_multiplier) and self.thought_lr_multiplier > 0, self, "thought_lr_multiplier", "must be a finite number > 0")
-        require(is_int(self.mixing_head_width) and self.mixing_head_width >= 1, self, "mixing_head_width", "must be an integer >= 1")
+        require(is_int(self.mixing_head_layers) and self.mixing_head_layers >= 1, self, "mixing_head_layers", "must be an integer >= 1")
+        require(
+            self.mixing_head_width is None or (is_int(self.mixing_head_width) and self.mixing_head_width >= 1),
+            self,
+            "mixing_head_width",
+            "must be an integer >= 1, or null for the model's hidden size",
+        )
         require(
             isinstance(self.marker_init_text, str) and self.marker_init_text.strip() != "",
             self,

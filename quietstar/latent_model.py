@@ -30,7 +30,7 @@ from quietstar.thought_attention import base_attention
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2")
 SUPPORTED_ATTENTION = ("eager", "sdpa")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the mixing head has configurable depth and a bias-free last layer
 
 
 def check_base_model(lm: PreTrainedModel, tokenizer) -> None:

@@ -89,20 +89,46 @@ def thought_rewards(talk_logprobs: torch.Tensor, valid: torch.Tensor) -> torch.T
     return score - score.mean(dim=-1, keepdim=True)
 
 
+def talk_nll(talk_logprobs: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
+    """NLL of the talk predictions.
+
+    Args:
+        talk_logprobs: [B, L, R, K] log p_talk(x_{t+j} | thought r).
+        valid: [B, L, K] valid targets.
+        reduction: ``token`` (mean over every valid (t, r, j)) or ``reference``
+            (for each j the mean over the valid (t, r), then the mean over the K targets).
+    """
+    mask = valid[:, :, None, :]
+    if reduction == "token":
+        return nll(talk_logprobs, mask)
+    mask = mask.expand_as(talk_logprobs)
+    per_target = -(talk_logprobs * mask).sum(dim=(0, 1, 2)) / mask.sum(dim=(0, 1, 2)).clamp(min=1)  # [K]
+    return per_target.mean()
+
+
 def reinforce_loss(
-    rewards: torch.Tensor, thought_logprobs: torch.Tensor, position_valid: torch.Tensor, positive_only: bool
+    rewards: torch.Tensor, thought_logprobs: torch.Tensor, position_valid: torch.Tensor, positive_only: bool, reduction: str, n_true: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """REINFORCE on the thought tokens: ``-r * sum_i log p(z_i)`` with r detached.
+    """REINFORCE on the thought tokens: ``-r * log p(z_i)`` with r detached.
 
     Args:
         rewards: [B, L, R].
         thought_logprobs: [B, L, R, M] log-probabilities of the thought tokens.
         position_valid: [B, L] positions that have at least one valid target.
         positive_only: use ``max(r, 0)`` (the paper) instead of r.
+        reduction: ``token``: ``-r * sum_i log p(z_i)`` averaged over the valid (t, r).
+            ``reference``: ``-r * log p(z_i)`` averaged over every row, thought and
+            token i at the first L - 1 - ``n_true`` positions, padding included
+            (where r = 0): the reference code's per-token mean.
     Returns:
         (loss, the mean of the rewards that weighted it over valid (t, r)).
     """
     used = rewards.detach().clamp(min=0) if positive_only else rewards.detach()
-    per_thought = -used * thought_logprobs.sum(dim=-1)  # [B, L, R]
     mask = position_valid[:, :, None]
-    return masked_mean(per_thought, mask), masked_mean(used, mask)
+    if reduction == "token":
+        loss = masked_mean(-used * thought_logprobs.sum(dim=-1), mask)
+    else:
+        scored = max(rewards.shape[1] - 1 - n_true, 0)
+        per_token = -used[:, :scored, :, None] * thought_logprobs[:, :scored]  # [B, scored, R, M]
+        loss = per_token.mean() if scored else thought_logprobs.sum() * 0.0
+    return loss, masked_mean(used, mask)

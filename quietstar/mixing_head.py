@@ -8,9 +8,12 @@ supported families have no bias, so this is exactly the interpolation of the
 two predictions' logits, and of their log-probabilities up to normalisation
 (the paper's formulation).
 
-The last layer is zero-initialised, so ``w == 0`` and the talk prediction
-equals the base prediction exactly before training. ``w`` is not squashed:
-0 means "ignore the thought", 1 means "use only the post-thought prediction".
+The MLP has ``layers`` hidden ReLU layers of ``width`` units; the reference code's
+head is ``Linear(2H, H) - ReLU - Linear(H, H) - ReLU - Linear(H, 1)`` (two layers of
+the model's width H). The last layer has no bias and is zero-initialised, so
+``w == 0`` and the talk prediction equals the base prediction exactly before
+training. ``w`` is not squashed: 0 means "ignore the thought", 1 means "use only
+the post-thought prediction".
 """
 
 from __future__ import annotations
@@ -20,13 +23,14 @@ from torch import nn
 
 
 class MixingHead(nn.Module):
-    """MLP ``[2*hidden] -> [width] -> ReLU -> [1]`` with a zero-initialised last layer."""
+    """MLP ``[2*hidden] -> ([width] -> ReLU) x layers -> [1]`` with a zero-initialised, bias-free last layer."""
 
-    def __init__(self, hidden_size: int, width: int) -> None:
+    def __init__(self, hidden_size: int, width: int, layers: int) -> None:
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(2 * hidden_size, width), nn.ReLU(), nn.Linear(width, 1))
+        widths = [2 * hidden_size] + [width] * layers
+        hidden = [module for a, b in zip(widths, widths[1:]) for module in (nn.Linear(a, b), nn.ReLU())]
+        self.mlp = nn.Sequential(*hidden, nn.Linear(width, 1, bias=False))
         nn.init.zeros_(self.mlp[-1].weight)
-        nn.init.zeros_(self.mlp[-1].bias)
 
     def forward(self, base_hidden: torch.Tensor, thought_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """

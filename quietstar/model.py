@@ -20,7 +20,7 @@ from transformers import PreTrainedModel
 
 from quietstar.config import QuietStarConfig
 from quietstar.latent_model import LatentReasoningModel
-from quietstar.losses import chunked_token_logprobs, future_targets, masked_mean, nll, reinforce_loss, thought_rewards
+from quietstar.losses import chunked_token_logprobs, future_targets, masked_mean, nll, reinforce_loss, talk_nll, thought_rewards
 from quietstar.mixing_head import MixingHead
 from quietstar.sequential_thoughts import sequential_rollout
 from quietstar.thought_attention import install_thought_attention
@@ -30,7 +30,12 @@ from quietstar.thought_sampler import ThoughtRollout, replay_thoughts, sample_th
 
 @dataclass
 class QuietStarOutput:
-    """Result of one Quiet-STaR forward. Scalars are 0-dim tensors; ``loss`` carries the graph.
+    """Result of one Quiet-STaR forward. Scalars are 0-dim tensors.
+
+    ``loss = lm_loss + policy_term`` carries the graph, and so do its two parts:
+    ``lm_loss`` (base_loss_weight * base NLL + talk_loss_weight * talk NLL) and
+    ``policy_term`` (policy_loss_weight * policy loss), so that their gradients
+    can be measured apart (``quietstar.diagnostics``).
 
     ``base_nll`` is the next-token NLL of the unchanged model; ``talk_nll`` averages
     over all K targets after each thought, so the two differ even when talk == base.
@@ -46,6 +51,8 @@ class QuietStarOutput:
     """
 
     loss: torch.Tensor
+    lm_loss: torch.Tensor
+    policy_term: torch.Tensor
     base_nll: torch.Tensor
     talk_nll: torch.Tensor
     policy_loss: torch.Tensor
@@ -82,7 +89,9 @@ class QuietStarModel(LatentReasoningModel):
         embedding = base_model.get_input_embeddings()
         like = {"device": embedding.weight.device, "dtype": embedding.weight.dtype}
         self.thought_embeddings = ThoughtEmbeddings.from_text(embedding, tokenizer, self.config.marker_init_text).to(**like)
-        self.mixing_head = MixingHead(base_model.config.hidden_size, self.config.mixing_head_width).to(**like)
+        hidden_size = base_model.config.hidden_size
+        width = self.config.mixing_head_width or hidden_size
+        self.mixing_head = MixingHead(hidden_size, width, self.config.mixing_head_layers).to(**like)
 
     @property
     def start_embedding(self) -> torch.nn.Parameter:
@@ -219,14 +228,19 @@ class QuietStarModel(LatentReasoningModel):
         talk_logprobs = chunked_token_logprobs(lm_head, talk_hidden, targets[:, :, None].expand(weights.shape))  # [B, L, R, K]
 
         base_nll = nll(base_logprobs[..., 0], valid[..., 0])
-        talk_nll = nll(talk_logprobs, valid[:, :, None, :])
+        talk = talk_nll(talk_logprobs, valid, cfg.loss_reduction)
         rewards = thought_rewards(talk_logprobs.detach(), valid)
-        policy_loss, reward_mean = reinforce_loss(rewards, rollout.thought_logprobs, valid[..., 0], cfg.positive_rewards_only)
-        loss = cfg.base_loss_weight * base_nll + cfg.talk_loss_weight * talk_nll + cfg.policy_loss_weight * policy_loss
+        policy_loss, reward_mean = reinforce_loss(
+            rewards, rollout.thought_logprobs, valid[..., 0], cfg.positive_rewards_only, cfg.loss_reduction, cfg.n_true
+        )
+        lm_loss = cfg.base_loss_weight * base_nll + cfg.talk_loss_weight * talk
+        policy_term = cfg.policy_loss_weight * policy_loss
         return QuietStarOutput(
-            loss=loss,
+            loss=lm_loss + policy_term,
+            lm_loss=lm_loss,
+            policy_term=policy_term,
             base_nll=base_nll.detach(),
-            talk_nll=talk_nll.detach(),
+            talk_nll=talk.detach(),
             policy_loss=policy_loss.detach(),
             reward_mean=reward_mean,
             mixing_weight_mean=masked_mean(weights.detach(), valid[:, :, None, :]),

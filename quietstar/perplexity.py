@@ -6,6 +6,13 @@ sampled thought, averaged over the R thoughts (as an NLL, not as a probability).
 An untrained mixing head gives talk == base exactly. The improvement of a token is
 base - talk (positive: the thought helped).
 
+The thought-usefulness control: ``shuffled`` is the talk NLL when every scored
+position gets the thoughts sampled at another position of the batch (another
+place in the text or another sequence; ``shuffle_thoughts``), with the same
+model and mixing head. If the thoughts carry information about what follows
+them, talk < shuffled; if only the mixing head learned something that any
+thought allows, the two tie.
+
     python -m quietstar.perplexity --model runs/demo/final --data-file heldout.jsonl --output-dir reports/demo
 
 reads a ``.txt`` file (one document) or a ``.jsonl`` file (one object per line, the text in
@@ -59,15 +66,39 @@ def next_token_nlls(out):
     return base.masked_fill(~valid, 0.0), talk.masked_fill(~valid, 0.0), valid
 
 
+def shuffle_thoughts(thoughts: torch.LongTensor, valid: torch.Tensor, generator: torch.Generator | None = None) -> torch.LongTensor:
+    """Move the thoughts [B, L, R, M] of every valid position [B, L] to another valid position.
+
+    The valid positions are put in a random cycle and each takes the thoughts (all R
+    of them) of the next one, so no position keeps its own when there are two or
+    more. Positions that are not valid keep theirs.
+    """
+    where = valid.flatten().nonzero().squeeze(-1)
+    if where.numel() < 2:
+        return thoughts.clone()
+    order = where[torch.randperm(where.numel(), generator=generator, device=generator.device if generator is not None else where.device).to(where.device)]
+    flat = thoughts.flatten(0, 1).clone()  # [B*L, R, M]
+    flat[order] = flat[order.roll(-1)]
+    return flat.view_as(thoughts)
+
+
 @torch.no_grad()
 def token_nlls(model, input_ids: torch.LongTensor, attention_mask: torch.Tensor, generator: torch.Generator | None = None):
-    """``next_token_nlls`` of one right-padded batch, with freshly sampled thoughts."""
-    return next_token_nlls(model(input_ids, attention_mask, generator=generator))
+    """Next-token NLLs of one right-padded batch: (base, talk, shuffled, valid), each [B, L].
+
+    ``talk`` uses freshly sampled thoughts; ``shuffled`` the same thoughts moved to other
+    positions (``shuffle_thoughts``).
+    """
+    out = model(input_ids, attention_mask, generator=generator)
+    base, talk, valid = next_token_nlls(out)
+    moved = shuffle_thoughts(out.thoughts, valid, generator)
+    _, shuffled, _ = next_token_nlls(model(input_ids, attention_mask, thoughts=moved))
+    return base, talk, shuffled, valid
 
 
 @torch.no_grad()
 def heldout_nll(model, batches, device, seed: int, progress: bool = False) -> dict[str, float]:
-    """Token-weighted mean base and talk NLL over ``batches`` of (input_ids, attention_mask).
+    """Token-weighted mean base, talk and shuffled-thought talk NLL over ``batches`` of (input_ids, attention_mask).
 
     Under ``torch.distributed`` the batches are split between ranks and the sums are
     all-reduced. Every rank runs the same number of forwards (ZeRO-3 needs every rank
@@ -75,20 +106,20 @@ def heldout_nll(model, batches, device, seed: int, progress: bool = False) -> di
     """
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     generator = torch.Generator(device=device).manual_seed(seed)
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # base NLL, talk NLL, tokens
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # base NLL, talk NLL, shuffled talk NLL, tokens
     rounds = math.ceil(len(batches) / world)
     for i in tqdm(range(rounds), desc="held-out NLL", disable=not progress or rank != 0, leave=False):
         index = i * world + rank
         ids, mask = batches[min(index, len(batches) - 1)]
-        base, talk, valid = token_nlls(model, ids.to(device), mask.to(device), generator)
+        scores = token_nlls(model, ids.to(device), mask.to(device), generator)
         if index < len(batches):
-            sums += torch.stack([base.sum().double(), talk.sum().double(), valid.sum().double()])
+            sums += torch.stack([x.sum().double() for x in scores])
     if world > 1:
         dist.all_reduce(sums)
-    base_sum, talk_sum, tokens = sums.tolist()
+    base_sum, talk_sum, shuffled_sum, tokens = sums.tolist()
     if tokens == 0:
         raise ValueError("held-out NLL: the held-out batches have no token with a next token")
-    return {"base_nll": base_sum / tokens, "talk_nll": talk_sum / tokens, "tokens": int(tokens)}
+    return {"base_nll": base_sum / tokens, "talk_nll": talk_sum / tokens, "shuffled_talk_nll": shuffled_sum / tokens, "tokens": int(tokens)}
 
 
 # --- perplexity reports ------------------------------------------------------------------------------------
@@ -109,16 +140,18 @@ class TokenScores:
     For a window of n tokens, entry t scores the target ids[t + 1]:
         base: [n - 1] base NLLs.
         talk: [n - 1] talk NLLs (mean over the R thoughts).
+        shuffled: [n - 1] talk NLLs with thoughts from other positions (``shuffle_thoughts``).
         thoughts: [n - 1, M] the first thought (r = 0), sampled after ids[t].
     """
 
     base: list[torch.Tensor] = field(default_factory=list)
     talk: list[torch.Tensor] = field(default_factory=list)
+    shuffled: list[torch.Tensor] = field(default_factory=list)
     thoughts: list[torch.LongTensor] = field(default_factory=list)
 
-    def flat(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The base and talk NLLs of all windows, each [N] for N scored tokens."""
-        return torch.cat(self.base), torch.cat(self.talk)
+    def flat(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The base, talk and shuffled-thought talk NLLs of all windows, each [N] for N scored tokens."""
+        return torch.cat(self.base), torch.cat(self.talk), torch.cat(self.shuffled)
 
 
 def read_documents(path: Path, text_field: str, max_documents: int | None = None) -> list[str]:
@@ -169,65 +202,69 @@ def score_windows(
     """Base and talk NLL of every next token of ``windows``.
 
     The windows are scored in order, ``batch_size`` at a time, each batch right padded and
-    run through one forward of ``model`` with token-parallel thoughts sampled by ``generator``.
+    run through one forward of ``model`` with token-parallel thoughts sampled by ``generator``,
+    then once more with those thoughts shuffled between positions (the control).
     """
     device = next(model.parameters()).device
     scores = TokenScores()
     for start in tqdm(range(0, len(windows), batch_size), desc="scoring", unit="batch", disable=not progress):
         batch = windows[start : start + batch_size]
         ids, mask = pad_rows([window.ids for window in batch])
-        out = model(ids.to(device), mask.to(device), generator=generator)
-        base, talk, _ = next_token_nlls(out)
+        ids, mask = ids.to(device), mask.to(device)
+        out = model(ids, mask, generator=generator)
+        base, talk, valid = next_token_nlls(out)
+        _, shuffled, _ = next_token_nlls(model(ids, mask, thoughts=shuffle_thoughts(out.thoughts, valid, generator)))
         for row, window in enumerate(batch):
             n = len(window.ids) - 1
             scores.base.append(base[row, :n].float().cpu())
             scores.talk.append(talk[row, :n].float().cpu())
+            scores.shuffled.append(shuffled[row, :n].float().cpu())
             scores.thoughts.append(out.thoughts[row, :n, 0].cpu())
     return scores
 
 
-def token_stats(base: torch.Tensor, talk: torch.Tensor) -> dict[str, Any]:
-    """Count, mean base NLL, mean talk NLL, mean improvement and fraction improved (talk < base) of [N] tokens.
+def token_stats(base: torch.Tensor, talk: torch.Tensor, shuffled: torch.Tensor) -> dict[str, Any]:
+    """Statistics of [N] tokens' base, talk and shuffled-thought talk NLLs.
 
-    The means are None when N = 0.
+    Keys: count, base_nll, talk_nll, shuffled_talk_nll (means), mean_improvement (base - talk),
+    shuffled_improvement (base - shuffled), improved_fraction (talk < base) and
+    own_beats_shuffled_fraction (talk < shuffled). The means are None when N = 0.
     """
+    keys = ("base_nll", "talk_nll", "shuffled_talk_nll", "mean_improvement", "shuffled_improvement",
+            "improved_fraction", "own_beats_shuffled_fraction")
     if base.numel() == 0:
-        return {"count": 0, "base_nll": None, "talk_nll": None, "mean_improvement": None, "improved_fraction": None}
-    base, talk = base.double(), talk.double()
-    return {
-        "count": base.numel(),
-        "base_nll": base.mean().item(),
-        "talk_nll": talk.mean().item(),
-        "mean_improvement": (base - talk).mean().item(),
-        "improved_fraction": (talk < base).double().mean().item(),
-    }
+        return {"count": 0, **dict.fromkeys(keys)}
+    base, talk, shuffled = base.double(), talk.double(), shuffled.double()
+    values = (base.mean(), talk.mean(), shuffled.mean(), (base - talk).mean(), (base - shuffled).mean(),
+              (talk < base).double().mean(), (talk < shuffled).double().mean())
+    return {"count": base.numel(), **{k: v.item() for k, v in zip(keys, values)}}
 
 
 def difficulty_bins(
-    base: torch.Tensor, talk: torch.Tensor, edges: tuple[float, ...] = DIFFICULTY_EDGES
+    base: torch.Tensor, talk: torch.Tensor, shuffled: torch.Tensor, edges: tuple[float, ...] = DIFFICULTY_EDGES
 ) -> list[dict[str, Any]]:
     """One dict per difficulty bin lo <= base NLL < hi of the [N] tokens: ``lo``, ``hi`` (None for inf) and ``token_stats``."""
     bins = []
     for lo, hi in zip(edges[:-1], edges[1:]):
         inside = (base >= lo) & (base < hi)
-        bins.append({"lo": lo, "hi": None if math.isinf(hi) else hi, **token_stats(base[inside], talk[inside])})
+        bins.append({"lo": lo, "hi": None if math.isinf(hi) else hi, **token_stats(base[inside], talk[inside], shuffled[inside])})
     return bins
 
 
-def summary(base: torch.Tensor, talk: torch.Tensor) -> dict[str, Any]:
-    """Totals over N >= 1 scored tokens (base, talk: [N]).
+def summary(base: torch.Tensor, talk: torch.Tensor, shuffled: torch.Tensor) -> dict[str, Any]:
+    """Totals over N >= 1 scored tokens (each [N]).
 
-    Keys: tokens, base_nll, talk_nll, base_ppl, talk_ppl (exp of the mean NLL), mean_improvement, improved_fraction.
+    Keys: tokens, base_nll, talk_nll, shuffled_talk_nll, base_ppl, talk_ppl, shuffled_talk_ppl
+    (exp of the mean NLL), mean_improvement, shuffled_improvement, improved_fraction,
+    own_beats_shuffled_fraction (see ``token_stats``).
     """
-    stats = token_stats(base, talk)
+    stats = token_stats(base, talk, shuffled)
     return {
-        "tokens": stats["count"],
-        "base_nll": stats["base_nll"],
-        "talk_nll": stats["talk_nll"],
+        "tokens": stats.pop("count"),
+        **stats,
         "base_ppl": math.exp(stats["base_nll"]),
         "talk_ppl": math.exp(stats["talk_nll"]),
-        "mean_improvement": stats["mean_improvement"],
-        "improved_fraction": stats["improved_fraction"],
+        "shuffled_talk_ppl": math.exp(stats["shuffled_talk_nll"]),
     }
 
 
@@ -285,7 +322,7 @@ def build_report(config: ReportConfig, model, windows: list[Window], scores: Tok
     Keys: model, data_file, documents (with a scored window), windows, the ``summary`` keys,
     bins (``difficulty_bins``), settings, and seconds (reading, loading and scoring).
     """
-    base, talk = scores.flat()
+    base, talk, shuffled = scores.flat()
     cfg = model.config
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("model", "data_file", "output_dir")}
     return {
@@ -293,8 +330,8 @@ def build_report(config: ReportConfig, model, windows: list[Window], scores: Tok
         "data_file": config.data_file,
         "documents": len({window.document for window in windows}),
         "windows": len(windows),
-        **summary(base, talk),
-        "bins": difficulty_bins(base, talk),
+        **summary(base, talk, shuffled),
+        "bins": difficulty_bins(base, talk, shuffled),
         "settings": {**settings, "thought_len": cfg.thought_len, "n_thoughts": cfg.n_thoughts, "n_true": cfg.n_true,
                      "sample_temperature": cfg.sample_temperature},
         "seconds": seconds,
@@ -307,8 +344,12 @@ def print_summary(report: dict[str, Any], paths: list[Path]) -> None:
     print(f"{'':14} {'NLL':>8} {'ppl':>10}")
     print(f"{'base':14} {report['base_nll']:>8.4f} {report['base_ppl']:>10.5g}")
     print(f"{'talk':14} {report['talk_nll']:>8.4f} {report['talk_ppl']:>10.5g}")
+    print(f"{'talk shuffled':14} {report['shuffled_talk_nll']:>8.4f} {report['shuffled_talk_ppl']:>10.5g}")
     improved = 100 * report["improved_fraction"]
     print(f"improvement    {report['mean_improvement']:+.4f} nats per token, {improved:.1f}% of tokens improved")
+    own = report["shuffled_talk_nll"] - report["talk_nll"]
+    print(f"own thoughts   {own:+.4f} nats per token better than shuffled ones "
+          f"({100 * report['own_beats_shuffled_fraction']:.1f}% of tokens)")
     for path in paths:
         print(f"wrote {path}")
 

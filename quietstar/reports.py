@@ -2,7 +2,8 @@
 
 ``quietstar.perplexity`` computes the numbers; this file only draws them:
 
-    difficulty.png  mean improvement (base - talk NLL) per token-difficulty bin, bars annotated with counts
+    difficulty.png  mean improvement (base - talk NLL) per token-difficulty bin, with the model's own
+                    thoughts and with shuffled ones (the control), bars annotated with counts
     tokens.html     the text token by token, coloured by improvement; hover for the NLLs and the thought
 """
 
@@ -25,17 +26,21 @@ def bin_label(lo: float, hi: float | None) -> str:
 
 
 def write_png(path: Path, bins: list[dict[str, Any]], title: str) -> None:
-    """Bar chart of the mean improvement per difficulty bin, each bar annotated with its token count."""
-    figure = Figure(figsize=(8, 4.5))
+    """Mean improvement per difficulty bin, own thoughts beside shuffled thoughts, annotated with token counts."""
+    figure = Figure(figsize=(9, 4.8))
     FigureCanvasAgg(figure)
     ax = figure.add_subplot()
-    values = [b["mean_improvement"] or 0.0 for b in bins]  # an empty bin draws no bar
-    bars = ax.bar(
-        [bin_label(b["lo"], b["hi"]) for b in bins], values, color=["tab:green" if v >= 0 else "tab:red" for v in values]
-    )
+    x = range(len(bins))
+    width = 0.4
+    own = [b["mean_improvement"] or 0.0 for b in bins]  # an empty bin draws no bar
+    shuffled = [b["shuffled_improvement"] or 0.0 for b in bins]
+    bars = ax.bar([i - width / 2 for i in x], own, width, color="tab:green", label="own thoughts")
+    ax.bar([i + width / 2 for i in x], shuffled, width, color="tab:gray", label="shuffled thoughts (control)")
     ax.bar_label(bars, labels=[f"n={b['count']}" for b in bins], padding=2, fontsize=8)
+    ax.set_xticks(list(x), [bin_label(b["lo"], b["hi"]) for b in bins])
     ax.axhline(0.0, color="black", linewidth=0.8)
     ax.margins(y=0.15)
+    ax.legend(fontsize=8)
     ax.set_xlabel("token difficulty: base NLL (nats)")
     ax.set_ylabel("mean improvement: base - talk NLL (nats)")
     ax.set_title(title)
@@ -78,6 +83,7 @@ def html_summary(report: dict[str, Any]) -> str:
         ("base NLL / perplexity", f"{report['base_nll']:.4f} / {report['base_ppl']:.5g}"),
         ("talk NLL / perplexity", f"{report['talk_nll']:.4f} / {report['talk_ppl']:.5g}"),
         ("mean improvement (base - talk)", f"{report['mean_improvement']:+.4f} nats"),
+        ("talk NLL with shuffled thoughts (control)", f"{report['shuffled_talk_nll']:.4f}"),
         ("tokens improved (talk < base)", f"{100 * report['improved_fraction']:.1f}%"),
     ]
     cells = "".join(f'<tr><td>{html.escape(name)}</td><td class="num">{html.escape(value)}</td></tr>' for name, value in rows)
@@ -124,7 +130,7 @@ def write_html(
 
     The colour saturates at the 95th percentile of |improvement| over all scored tokens.
     """
-    base, talk = scores.flat()
+    base, talk, _ = scores.flat()
     magnitudes = (base - talk).abs().sort().values
     scale = max(float(magnitudes[int(0.95 * (len(magnitudes) - 1))]), 1e-3)
     title = f"Quiet-STaR token report: {report['model']}"

@@ -61,21 +61,51 @@ class ThoughtRollout:
     post_hidden: torch.Tensor | None = None
 
 
+SAMPLING_BLOCK = 256  # vocabulary entries per block of the two-level sampler in choose_tokens
+
+
 def choose_tokens(
     logits: torch.Tensor, greedy: bool, temperature: float, generator: torch.Generator | None
 ) -> torch.LongTensor:
     """Pick one token per row of ``logits`` [..., V]: argmax, or a sample at ``temperature``.
 
-    Sampling inverts the CDF with one uniform per row (``torch.multinomial`` and
-    Gumbel noise draw V random numbers per row, which dominates on a CPU).
+    Sampling draws two fp64 uniforms per row and inverts the CDF with them
+    (``invert_cdf``); ``torch.multinomial`` and Gumbel noise draw V random numbers
+    per row, which dominates on a CPU.
     """
     if greedy:
         return logits.argmax(dim=-1)
-    cdf = torch.softmax(at_least_fp32(logits) / temperature, dim=-1).cumsum(dim=-1)
-    device = generator.device if generator is not None else cdf.device
-    uniform = torch.rand(cdf.shape[:-1] + (1,), generator=generator, device=device, dtype=cdf.dtype).to(cdf.device)
-    token = torch.searchsorted(cdf, uniform * cdf[..., -1:], right=True).squeeze(-1)
-    return token.clamp(max=logits.shape[-1] - 1)
+    scaled = at_least_fp32(logits)
+    probs = torch.softmax(scaled / temperature if temperature != 1.0 else scaled, dim=-1)
+    device = generator.device if generator is not None else probs.device
+    uniform = torch.rand(probs.shape[:-1] + (2,), generator=generator, device=device, dtype=torch.float64)
+    return invert_cdf(probs, uniform.to(probs.device))
+
+
+def invert_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.LongTensor:
+    """The token of each row of ``probs`` [..., V] that the uniforms ``uniform`` [..., 2] in [0, 1) select.
+
+    Two levels: the probabilities are summed per block of ``SAMPLING_BLOCK`` tokens;
+    ``uniform[..., 0]`` picks a block by the fp64 CDF of the block masses and
+    ``uniform[..., 1]`` a token by the fp64 CDF inside that block. A single fp32 CDF
+    over the whole vocabulary rounds away every token whose probability is below
+    its last bits (about 6e-8 once the CDF nears 1); here a token can be drawn
+    whenever its probability is above about 1e-16 of its block's mass and that
+    mass is above about 1e-16 of the total. Zero-probability tokens never are.
+    """
+    vocab, size = probs.shape[-1], SAMPLING_BLOCK
+    full = vocab - vocab % size
+    masses = probs[..., :full].unflatten(-1, (-1, size)).sum(dim=-1)  # [..., nb]
+    if full < vocab:
+        masses = torch.cat([masses, probs[..., full:].sum(dim=-1, keepdim=True)], dim=-1)
+    block_cdf = masses.to(torch.float64).cumsum(dim=-1)
+    # right=True: the first CDF entry strictly above the draw, so empty blocks and zero-probability tokens are never taken.
+    block = torch.searchsorted(block_cdf[..., :-1].contiguous(), uniform[..., :1] * block_cdf[..., -1:], right=True)  # [..., 1]
+    index = block * size + torch.arange(size, device=probs.device)  # [..., S]
+    inside = probs.gather(-1, index.clamp(max=vocab - 1)).masked_fill(index >= vocab, 0.0)
+    inside_cdf = inside.to(torch.float64).cumsum(dim=-1)
+    offset = torch.searchsorted(inside_cdf[..., :-1].contiguous(), uniform[..., 1:] * inside_cdf[..., -1:], right=True)
+    return (block * size + offset).squeeze(-1).clamp(max=vocab - 1)
 
 
 def check_thoughts_shape(thoughts: torch.Tensor, batch: int, length: int, config: QuietStarConfig) -> None:

@@ -45,6 +45,7 @@ from transformers import get_scheduler, set_seed
 from quietstar import checkpoints
 from quietstar.cli_config import ConfigError, add_dataclass_arguments, build_config, load_yaml
 from quietstar.config import QuietStarConfig
+from quietstar.diagnostics import gradient_norms
 from quietstar.data import DataConfig, TokenStream, heldout_batches, load_documents, split_heldout
 from quietstar.loading import load_model
 from quietstar.offline import resolve_model_path
@@ -54,6 +55,7 @@ from quietstar.run_log import RunLog
 from quietstar.train_config import TrainConfig, check_yaml_keys, deepspeed_config, zero_stage
 
 STEP_METRICS = ("loss", "base_nll", "talk_nll", "policy_loss", "reward_mean", "mixing_weight_mean")
+GRAD_METRICS = ("grad_norm_lm", "grad_norm_policy")
 STREAM_COUNTS = ("documents", "skipped_empty", "skipped_short", "skipped_malformed")
 
 
@@ -174,8 +176,17 @@ def train(args: argparse.Namespace, method: QuietStarConfig, data: DataConfig, c
         started = time.perf_counter()
         lrs = engine.get_lr()  # the rates this step uses (the scheduler advances after it)
         sums = [0.0] * len(STEP_METRICS)
-        for _ in range(cfg.grad_accum_steps):
-            out = engine(next(batches).to(device), generator=generator)
+        evaluating = cfg.eval_every and step % cfg.eval_every == 0 or step == cfg.max_steps
+        diagnostics = {}
+        for micro in range(cfg.grad_accum_steps):
+            batch = next(batches).to(device)
+            if micro == 0 and evaluating and cfg.grad_diagnostics:
+                # Its own sampler, so that the training thoughts are those of a run without diagnostics.
+                sampler = torch.Generator(device=device).manual_seed(cfg.seed + 7919 * step + rank)
+                norms = gradient_norms(engine.module, batch, None, generator=sampler)
+                mean = [v / world for v in all_ranks_sum([norms[n] for n in GRAD_METRICS], device)]
+                diagnostics = {**dict(zip(GRAD_METRICS, mean)), "grad_ratio": mean[1] / mean[0] if mean[0] > 0 else None}
+            out = engine(batch, generator=generator)
             engine.backward(out.loss)
             engine.step()  # DeepSpeed updates the weights only at the last micro-batch
             sums = [s + v for s, v in zip(sums, out.metrics().values())]
@@ -193,8 +204,9 @@ def train(args: argparse.Namespace, method: QuietStarConfig, data: DataConfig, c
             "tokens_per_s": tokens_per_step / seconds,
             "step_s": seconds,
             **{name: int(c) for name, c in zip(STREAM_COUNTS, counts)},
+            **diagnostics,
         }
-        if cfg.eval_every and step % cfg.eval_every == 0 or step == cfg.max_steps:
+        if evaluating:
             after = evaluate()
             record.update({f"heldout_{k}": v for k, v in after.items() if k != "tokens"})
         if log:
@@ -258,8 +270,9 @@ def print_summary(summary: dict) -> None:
           + (f" ({per_step:.1f} s per optimizer step, evaluations and checkpoints aside)" if per_step else ""))
     if before and after:
         print(f"held-out next-token NLL over {after['tokens']} tokens:")
-        print(f"  before: base {before['base_nll']:.4f}  talk {before['talk_nll']:.4f}")
-        print(f"  after:  base {after['base_nll']:.4f}  talk {after['talk_nll']:.4f}")
+        for name, values in (("before", before), ("after", after)):
+            print(f"  {name + ':':7} base {values['base_nll']:.4f}  talk {values['talk_nll']:.4f}  "
+                  f"talk with shuffled thoughts {values['shuffled_talk_nll']:.4f}")
     for name, path in summary["outputs"].items():
         print(f"{name:>12}: {path}")
 

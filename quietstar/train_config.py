@@ -55,6 +55,9 @@ class TrainConfig:
         eval_every: held-out base vs. talk NLL every this many steps (and before
             the first and after the last); 0 evaluates only before and after.
         eval_batch_size: sequences per held-out forward.
+        grad_diagnostics: at every held-out evaluation step, also measure the
+            gradient norms of the LM terms and of the policy term apart, on that
+            step's first micro-batch (``quietstar.diagnostics``); needs ZeRO stage 0-2.
         save_every: a checkpoint every this many steps (and after the last); 0
             saves only after the last.
         keep_checkpoints: how many of the newest checkpoints to keep; 0 keeps all.
@@ -76,6 +79,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     eval_every: int = 50
     eval_batch_size: int = 4
+    grad_diagnostics: bool = True
     save_every: int = 50
     keep_checkpoints: int = 2
 
@@ -98,6 +102,7 @@ class TrainConfig:
         )
         require(self.precision in PRECISIONS, self, "precision", f"must be one of {', '.join(PRECISIONS)}")
         require(isinstance(self.gradient_checkpointing, bool), self, "gradient_checkpointing", "must be true or false")
+        require(isinstance(self.grad_diagnostics, bool), self, "grad_diagnostics", "must be true or false")
 
 
 RECIPE_CONFIGS = (QuietStarConfig, DataConfig, TrainConfig)
@@ -160,6 +165,11 @@ def deepspeed_config(train: TrainConfig, device_type: str, world_size: int) -> d
         # DeepSpeed's fused Adam would compile a C++ op for the CPU; torch's AdamW is as fast there.
         ds["optimizer"]["params"].setdefault("torch_adam", True)
     ds.setdefault("steps_per_print", 10**9)  # the recipe logs every step itself
+    if train.grad_diagnostics and zero_stage(ds) == 3:
+        raise ConfigError(
+            f"TrainConfig.grad_diagnostics: needs ZeRO stage 0-2, but {path} is ZeRO-3 (it partitions the weights); "
+            "pass --no-grad-diagnostics"
+        )
     return ds
 
 

@@ -100,11 +100,20 @@ def independent_thought_pass(model, ids_b: torch.Tensor, t: int, thought: torch.
 
 
 def independent_losses(model, ids: torch.Tensor, mask: torch.Tensor, thoughts: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Quiet-STaR losses computed position by position from ``independent_thought_pass``."""
+    """Quiet-STaR losses computed position by position from ``independent_thought_pass``.
+
+    Follows ``model.config.loss_reduction``: ``token`` averages the talk NLL over every
+    (t, r, j) and the policy loss (summed over the M thought tokens) over every (t, r);
+    ``reference`` averages the talk NLL per j, then over j, and the policy loss per
+    thought token over all B * R * (L - 1 - K) slots of the padded batch.
+    """
     cfg = model.config
     lm_head = model.lm.get_output_embeddings()
+    batch, length = ids.shape
+    reference_slots = max(length - 1 - cfg.n_true, 0)
     base_terms, talk_terms, policy_terms = [], [], []
-    for b in range(ids.shape[0]):
+    talk_by_j = [[] for _ in range(cfg.n_true)]
+    for b in range(batch):
         n = int(mask[b].sum())
         seq = ids[b, :n]
         base_hidden = sequence_hidden(model.lm, model.lm.get_input_embeddings()(seq))  # [n, H]
@@ -120,18 +129,24 @@ def independent_losses(model, ids: torch.Tensor, mask: torch.Tensor, thoughts: t
                 talk = F.log_softmax(lm_head(h_base + w * (post - h_base)), dim=-1)
                 lp = talk[torch.arange(k), seq[t + 1 : t + 1 + k]]
                 talk_terms += list(-lp)
+                for j in range(k):
+                    talk_by_j[j].append(-lp[j])
                 scores.append(lp.sum())
                 policy = F.log_softmax(lm_head(policy_hidden) / cfg.policy_temperature, dim=-1)
-                thought_lps.append(policy[torch.arange(cfg.thought_len), thoughts[b, t, r]].sum())
+                thought_lps.append(policy[torch.arange(cfg.thought_len), thoughts[b, t, r]])
             scores = torch.stack(scores).detach()
             rewards = scores - scores.mean()
             if cfg.positive_rewards_only:
                 rewards = rewards.clamp(min=0)
-            policy_terms += [-rewards[r] * thought_lps[r] for r in range(cfg.n_thoughts)]
-    out = {
-        "base_nll": torch.stack(base_terms).mean(),
-        "talk_nll": torch.stack(talk_terms).mean(),
-        "policy_loss": torch.stack(policy_terms).mean(),
-    }
+            if cfg.loss_reduction == "token":
+                policy_terms += [-rewards[r] * thought_lps[r].sum() for r in range(cfg.n_thoughts)]
+            elif t < reference_slots:
+                policy_terms += [-rewards[r] * thought_lps[r].sum() for r in range(cfg.n_thoughts)]
+    if cfg.loss_reduction == "token":
+        talk_nll, policy_loss = torch.stack(talk_terms).mean(), torch.stack(policy_terms).mean()
+    else:
+        talk_nll = torch.stack([torch.stack(terms).mean() for terms in talk_by_j]).mean()
+        policy_loss = torch.stack(policy_terms).sum() / (batch * cfg.n_thoughts * reference_slots * cfg.thought_len)
+    out = {"base_nll": torch.stack(base_terms).mean(), "talk_nll": talk_nll, "policy_loss": policy_loss}
     out["loss"] = cfg.base_loss_weight * out["base_nll"] + cfg.talk_loss_weight * out["talk_nll"] + cfg.policy_loss_weight * out["policy_loss"]
     return out

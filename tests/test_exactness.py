@@ -59,14 +59,16 @@ def test_post_thought_logits_and_policy_logprobs_match(family, thought_len, n_tr
                     torch.testing.assert_close(rollout.thought_logprobs[b, t, r], expected, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-@pytest.mark.parametrize("positive_only", [True, False])
-def test_losses_and_gradients_match_independent_computation(family, positive_only):
-    config = dict(thought_len=2, n_true=3, n_thoughts=3, base_loss_weight=0.5, positive_rewards_only=positive_only, policy_temperature=2.0)
+@pytest.mark.parametrize(
+    "family,positive_only,reduction",
+    [("llama", True, "token"), ("qwen2", False, "token"), ("llama", True, "reference"), ("qwen2", False, "reference")],
+)
+def test_losses_and_gradients_match_independent_computation(family, positive_only, reduction):
+    config = dict(thought_len=2, n_true=3, n_thoughts=3, base_loss_weight=0.5, talk_loss_weight=1.0, policy_loss_weight=1.0,
+                  positive_rewards_only=positive_only, policy_temperature=2.0, loss_reduction=reduction)
     model = make_model(family, **config)
     with torch.no_grad():  # a trained-looking head, so thoughts matter and rewards are non-zero
         model.mixing_head.mlp[-1].weight.normal_(0, 0.5)
-        model.mixing_head.mlp[-1].bias.fill_(0.3)
     ids, mask = padded_batch(seed=5, lengths=(6, 4))
     thoughts = model.sample_thoughts(ids, mask, generator=torch.Generator().manual_seed(1))
 

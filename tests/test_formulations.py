@@ -78,7 +78,9 @@ CASES = [  # family, R, M, K: every M in 1..8, every K in 1..4, R in {2, 3}, two
 @pytest.mark.parametrize("family,R,M,K", CASES)
 @pytest.mark.parametrize("positive_only", [True, False])
 def test_efficient_step_matches_sequential_oracle(family, R, M, K, positive_only):
-    settings = dict(thought_len=M, n_true=K, n_thoughts=R, positive_rewards_only=positive_only, policy_temperature=1.5)
+    # Both reductions over the grid; policy weight 1, so that the loss is not the 1e6-scaled cancelling policy sum.
+    settings = dict(thought_len=M, n_true=K, n_thoughts=R, positive_rewards_only=positive_only, policy_temperature=1.5,
+                    policy_loss_weight=1.0, loss_reduction="reference" if M % 2 else "token")
     oracle = trained_looking_model(family, "sequential", **settings)
     efficient = trained_looking_model(family, "efficient", **settings)
     ids, mask = padded_batch(seed=M, lengths=(9, 6, 3))  # right padding of several lengths
@@ -100,7 +102,7 @@ def test_in_float64_the_reward_terms_match_to_1e_5_of_themselves(family, R, M, K
     ``reward_mean`` agree entry by entry too. (HF's RMSNorm computes in fp32 even
     in a float64 model, so gradients keep fp32-level differences; they are checked
     against their scale as above.)"""
-    settings = dict(thought_len=M, n_true=K, n_thoughts=R, positive_rewards_only=False)
+    settings = dict(thought_len=M, n_true=K, n_thoughts=R, positive_rewards_only=False, policy_loss_weight=1.0)
     oracle = trained_looking_model(family, "sequential", torch.float64, **settings)
     efficient = trained_looking_model(family, "efficient", torch.float64, **settings)
     ids, mask = padded_batch(seed=M, lengths=(9, 6, 3))

@@ -15,7 +15,16 @@ import torch.nn.functional as F
 from helpers import WORDS, move_off_init, tiny_lm, tiny_tokenizer
 
 from quietstar import QuietStarConfig, QuietStarModel
-from quietstar.perplexity import TokenScores, Window, difficulty_bins, main, make_windows, next_token_nlls, summary
+from quietstar.perplexity import (
+    TokenScores,
+    Window,
+    difficulty_bins,
+    main,
+    make_windows,
+    next_token_nlls,
+    shuffle_thoughts,
+    summary,
+)
 from quietstar.reports import write_html
 
 SEQ_LEN, BATCH_SIZE, SEED = 16, 3, 5
@@ -71,8 +80,8 @@ def windows(tokenizer) -> list[torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def seeded_forwards(report) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(talk NLLs [n-1], thoughts [n-1, R, M]) per window, from the model's own right-padded, seeded batches."""
+def seeded_forwards(report) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(talk NLLs [n-1], thoughts [n-1, R, M], shuffled-thought talk NLLs [n-1]) per window, from seeded batches."""
     model = report[0]
     rows, generator, out = windows(model.tokenizer), torch.Generator().manual_seed(SEED), []
     for start in range(0, len(rows), BATCH_SIZE):
@@ -83,8 +92,10 @@ def seeded_forwards(report) -> list[tuple[torch.Tensor, torch.Tensor]]:
             ids[i, : len(row)], mask[i, : len(row)] = row, 1
         with torch.no_grad():
             result = model(ids, mask, generator=generator)
-        _, talk, _ = next_token_nlls(result)
-        out += [(talk[i, : len(row) - 1], result.thoughts[i, : len(row) - 1]) for i, row in enumerate(batch)]
+            _, talk, valid = next_token_nlls(result)
+            moved = shuffle_thoughts(result.thoughts, valid, generator)
+            _, shuffled, _ = next_token_nlls(model(ids, mask, thoughts=moved))
+        out += [(talk[i, : len(row) - 1], result.thoughts[i, : len(row) - 1], shuffled[i, : len(row) - 1]) for i, row in enumerate(batch)]
     return out
 
 
@@ -116,9 +127,35 @@ def test_base_nll_is_the_plain_lms_cross_entropy_over_all_windows(report):
 
 def test_talk_nll_is_the_mean_of_next_token_nlls_of_the_seeded_forwards(report, seeded_forwards):
     _, _, data = report
-    talk = torch.cat([t for t, _ in seeded_forwards])
+    talk = torch.cat([t for t, _, _ in seeded_forwards])
     assert data["talk_nll"] == pytest.approx(float(talk.double().mean()), abs=1e-5)
     assert data["talk_nll"] != pytest.approx(data["base_nll"], abs=1e-3)  # the perturbed mixing head makes thoughts matter
+
+
+def test_shuffled_control_is_the_talk_nll_with_moved_thoughts(report, seeded_forwards):
+    _, _, data = report
+    shuffled = torch.cat([s for _, _, s in seeded_forwards])
+    assert data["shuffled_talk_nll"] == pytest.approx(float(shuffled.double().mean()), abs=1e-5)
+    assert data["shuffled_talk_nll"] != pytest.approx(data["talk_nll"], abs=1e-4)  # the trained-looking head reads the thought
+    assert data["shuffled_improvement"] == pytest.approx(data["base_nll"] - data["shuffled_talk_nll"])
+    assert 0.0 <= data["own_beats_shuffled_fraction"] <= 1.0
+    for b in data["bins"]:
+        if b["count"]:
+            assert math.isfinite(b["shuffled_talk_nll"]) and math.isfinite(b["shuffled_improvement"])
+
+
+def test_shuffle_moves_every_valid_position_and_keeps_the_rest():
+    thoughts = torch.arange(2 * 5 * 2 * 3).view(2, 5, 2, 3)
+    valid = torch.tensor([[True, True, True, True, False], [True, True, False, False, False]])
+    moved = shuffle_thoughts(thoughts, valid, torch.Generator().manual_seed(0))
+    assert torch.equal(moved[~valid], thoughts[~valid])
+    assert all(not torch.equal(moved[b, t], thoughts[b, t]) for b, t in valid.nonzero().tolist())
+    # A permutation of the valid positions' (R, M) thoughts: the same multiset, each kept whole.
+    key = lambda x: sorted(tuple(row.flatten().tolist()) for row in x)  # noqa: E731
+    assert key(moved[valid]) == key(thoughts[valid])
+    single = torch.zeros(1, 3, dtype=torch.bool)
+    single[0, 1] = True
+    assert torch.equal(shuffle_thoughts(thoughts[:1, :3], single), thoughts[:1, :3])
 
 
 def test_difficulty_png_is_a_readable_png(report):
@@ -137,7 +174,7 @@ def test_tokens_html_colours_every_scored_token_and_escapes_text_and_thoughts(re
     assert all("background-color" in t["style"] and "base NLL" in t["title"] for t in parser.tokens)
     assert "&lt;unk&gt;" in page and "<unk>" not in page  # '<' and '&' are unknown words, decoded as <unk>
     assert "held&amp;out.jsonl" in page and "Showing the first" not in page
-    thoughts = [model.tokenizer.decode(z.tolist()).replace("\n", "\\n") for _, zs in seeded_forwards for z in zs[:, 0]]
+    thoughts = [model.tokenizer.decode(z.tolist()).replace("\n", "\\n") for _, zs, _ in seeded_forwards for z in zs[:, 0]]
     assert [t["title"].splitlines()[-1] for t in parser.tokens] == [f"thought before it: <sot>{z}<eot>" for z in thoughts]
     assert html.escape(f"<sot>{thoughts[0]}<eot>") in page
 
@@ -148,6 +185,7 @@ def test_tokens_html_is_capped_by_html_tokens(tmp_path):
     scores = TokenScores(
         base=[torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.5, 0.2]), torch.tensor([4.0, 1.0])],
         talk=[torch.tensor([0.5, 2.5, 3.0]), torch.tensor([0.4, 0.1]), torch.tensor([3.0, 2.0])],
+        shuffled=[torch.tensor([0.6, 2.5, 3.1]), torch.tensor([0.5, 0.1]), torch.tensor([3.0, 2.1])],
         thoughts=[torch.full((3, 2), 14), torch.full((2, 2), 15), torch.full((2, 2), 16)],
     )
     report = {"model": "m<1>", "data_file": "d.txt", "documents": 2, "windows": 3, **summary(*scores.flat())}
@@ -163,12 +201,15 @@ def test_tokens_html_is_capped_by_html_tokens(tmp_path):
 def test_difficulty_bins_are_half_open_and_keep_empty_bins():
     base = torch.tensor([0.0, 0.49, 0.5, 2.5, 9.0])
     talk = torch.tensor([0.1, 0.29, 0.5, 2.0, 10.0])
-    bins = difficulty_bins(base, talk, edges=(0.0, 0.5, 1.0, 2.0, math.inf))
+    shuffled = torch.tensor([0.2, 0.29, 0.4, 2.5, 10.0])
+    bins = difficulty_bins(base, talk, shuffled, edges=(0.0, 0.5, 1.0, 2.0, math.inf))
     assert [(b["lo"], b["hi"], b["count"]) for b in bins] == [(0.0, 0.5, 2), (0.5, 1.0, 1), (1.0, 2.0, 0), (2.0, None, 2)]
     assert bins[0]["mean_improvement"] == pytest.approx(0.05) and bins[0]["improved_fraction"] == 0.5
     assert bins[1]["improved_fraction"] == 0.0  # talk == base is not an improvement
     assert bins[2]["base_nll"] is None and bins[2]["improved_fraction"] is None
     assert bins[3]["talk_nll"] == pytest.approx(6.0) and bins[3]["mean_improvement"] == pytest.approx(-0.25)
+    assert bins[0]["shuffled_improvement"] == pytest.approx(0.0, abs=1e-7) and bins[0]["own_beats_shuffled_fraction"] == 0.5
+    assert bins[1]["shuffled_talk_nll"] == pytest.approx(0.4) and bins[3]["own_beats_shuffled_fraction"] == 0.5
 
 
 def test_make_windows_cuts_documents_and_stops_at_max_tokens():
