@@ -76,7 +76,8 @@ def shuffle_thoughts(thoughts: torch.LongTensor, valid: torch.Tensor, generator:
     where = valid.flatten().nonzero().squeeze(-1)
     if where.numel() < 2:
         return thoughts.clone()
-    order = where[torch.randperm(where.numel(), generator=generator, device=generator.device if generator is not None else where.device).to(where.device)]
+    device = generator.device if generator is not None else where.device
+    order = where[torch.randperm(where.numel(), generator=generator, device=device).to(where.device)]
     flat = thoughts.flatten(0, 1).clone()  # [B*L, R, M]
     flat[order] = flat[order.roll(-1)]
     return flat.view_as(thoughts)

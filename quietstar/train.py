@@ -52,7 +52,7 @@ from quietstar.offline import resolve_model_path
 from quietstar.optim import build_param_groups
 from quietstar.perplexity import heldout_nll
 from quietstar.run_log import RunLog
-from quietstar.train_config import TrainConfig, check_yaml_keys, deepspeed_config, zero_stage
+from quietstar.train_config import TrainConfig, check_yaml_keys, deepspeed_config, grad_diagnostics_on, zero_stage
 
 STEP_METRICS = ("loss", "base_nll", "talk_nll", "policy_loss", "reward_mean", "mixing_weight_mean")
 GRAD_METRICS = ("grad_norm_lm", "grad_norm_policy")
@@ -109,6 +109,7 @@ def train(args: argparse.Namespace, method: QuietStarConfig, data: DataConfig, c
     if not args.resume and checkpoints.latest_tag(ckpt_root) is not None:
         raise ConfigError(f"TrainConfig.output_dir: {out_dir} already has checkpoints; pass --resume or choose another --output-dir")
     ds_config = deepspeed_config(cfg, device.type, world)
+    diagnose = grad_diagnostics_on(cfg, ds_config)
     set_seed(cfg.seed)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
@@ -180,7 +181,7 @@ def train(args: argparse.Namespace, method: QuietStarConfig, data: DataConfig, c
         diagnostics = {}
         for micro in range(cfg.grad_accum_steps):
             batch = next(batches).to(device)
-            if micro == 0 and evaluating and cfg.grad_diagnostics:
+            if micro == 0 and evaluating and diagnose:
                 # Its own sampler, so that the training thoughts are those of a run without diagnostics.
                 sampler = torch.Generator(device=device).manual_seed(cfg.seed + 7919 * step + rank)
                 norms = gradient_norms(engine.module, batch, None, generator=sampler)

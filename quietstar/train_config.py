@@ -57,7 +57,9 @@ class TrainConfig:
         eval_batch_size: sequences per held-out forward.
         grad_diagnostics: at every held-out evaluation step, also measure the
             gradient norms of the LM terms and of the policy term apart, on that
-            step's first micro-batch (``quietstar.diagnostics``); needs ZeRO stage 0-2.
+            step's first micro-batch (``quietstar.diagnostics``). They need whole
+            weights on each rank: ``None`` (auto) turns them on for ZeRO stages 0-2
+            and off for ZeRO-3; ``true`` under ZeRO-3 is an error.
         save_every: a checkpoint every this many steps (and after the last); 0
             saves only after the last.
         keep_checkpoints: how many of the newest checkpoints to keep; 0 keeps all.
@@ -79,7 +81,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     eval_every: int = 50
     eval_batch_size: int = 4
-    grad_diagnostics: bool = True
+    grad_diagnostics: bool | None = None
     save_every: int = 50
     keep_checkpoints: int = 2
 
@@ -102,7 +104,8 @@ class TrainConfig:
         )
         require(self.precision in PRECISIONS, self, "precision", f"must be one of {', '.join(PRECISIONS)}")
         require(isinstance(self.gradient_checkpointing, bool), self, "gradient_checkpointing", "must be true or false")
-        require(isinstance(self.grad_diagnostics, bool), self, "grad_diagnostics", "must be true or false")
+        require(self.grad_diagnostics is None or isinstance(self.grad_diagnostics, bool), self, "grad_diagnostics",
+                "must be true, false or null (auto)")
 
 
 RECIPE_CONFIGS = (QuietStarConfig, DataConfig, TrainConfig)
@@ -171,6 +174,11 @@ def deepspeed_config(train: TrainConfig, device_type: str, world_size: int) -> d
             "pass --no-grad-diagnostics"
         )
     return ds
+
+
+def grad_diagnostics_on(train: TrainConfig, ds: dict[str, Any]) -> bool:
+    """Whether this run records gradient diagnostics: as set, or (auto) whenever the weights are whole (ZeRO 0-2)."""
+    return train.grad_diagnostics if train.grad_diagnostics is not None else zero_stage(ds) < 3
 
 
 def zero_stage(ds: dict[str, Any]) -> int:

@@ -43,3 +43,16 @@ def test_generation_benchmark_writes_its_rows(tmp_path):
     rows = json.loads(out.read_text())
     assert [r["batch"] for r in rows] == [1, 3]
     assert all(r["thought_len"] == 2 and r["tokens_per_s_thoughts"] > 0 and r["tokens_per_s_no_thoughts"] > 0 for r in rows)
+
+
+def test_sampler_benchmark_writes_its_rows(tmp_path):
+    out = tmp_path / "rows.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "sampler.py"), "--repeats", "1", "--json", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["rows"], r["vocab"]) for r in rows] == [(512, 8192), (128, 49152), (64, 152064)]
+    for row in rows:
+        assert row["two_level_ms"] > 0 and row["fp32_cdf_ms"] > 0 and row["multinomial_ms"] > 0
+        assert row["two_level_undrawable"] == 0 and row["two_level_tv"] < 1e-6  # exact up to fp32 softmax rounding
+        assert row["fp32_cdf_undrawable"] > 0  # the old single fp32 CDF cannot reach part of the tail

@@ -25,7 +25,7 @@ from quietstar.model import QuietStarModel
 from quietstar.perplexity import heldout_nll
 from quietstar.run_log import RunLog, read_metrics
 from quietstar.train import STEP_METRICS, build_parser, main, parse_args
-from quietstar.train_config import DS_CONFIGS, RECIPE_CONFIGS, TrainConfig, deepspeed_config
+from quietstar.train_config import DS_CONFIGS, RECIPE_CONFIGS, TrainConfig, deepspeed_config, grad_diagnostics_on
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTRACT_FIELDS = ("step", "loss", "base_nll", "talk_nll", "policy_loss", "reward_mean", "mixing_weight_mean", "lr", "tokens_per_s")
@@ -83,7 +83,7 @@ def runs(fixture_dir) -> dict[int, Path]:
     """Uninterrupted 4-step runs at ZeRO-2 (through launch/pretrain.sh) and ZeRO-3 (through deepspeed)."""
     out = {2: fixture_dir / "zero2", 3: fixture_dir / "zero3"}
     launch_script(recipe_args(fixture_dir, out[2], zero=2))
-    launcher(recipe_args(fixture_dir, out[3], zero=3) + ["--no-grad-diagnostics"])  # ZeRO-3 partitions the weights
+    launcher(recipe_args(fixture_dir, out[3], zero=3))  # diagnostics off by default: ZeRO-3 partitions the weights
     return out
 
 
@@ -193,8 +193,7 @@ def test_bad_settings_fail_with_the_field_named(tmp_path):
 
 
 def test_deepspeed_config_is_completed_from_the_recipe_and_conflicts_are_refused(tmp_path):
-    train = TrainConfig(deepspeed=str(DS_CONFIGS / "zero3.json"), micro_batch_size=2, grad_accum_steps=3, lr=1e-4, grad_clip=0.5,
-                        grad_diagnostics=False)
+    train = TrainConfig(deepspeed=str(DS_CONFIGS / "zero3.json"), micro_batch_size=2, grad_accum_steps=3, lr=1e-4, grad_clip=0.5)
     ds = deepspeed_config(train, "cpu", world_size=2)
     assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["gradient_accumulation_steps"] == 3 and ds["train_batch_size"] == 12
     assert ds["optimizer"]["params"]["lr"] == 1e-4 and ds["gradient_clipping"] == 0.5
@@ -215,13 +214,17 @@ def test_deepspeed_config_is_completed_from_the_recipe_and_conflicts_are_refused
     with pytest.raises(ConfigError, match="file not found"):
         deepspeed_config(TrainConfig(deepspeed=str(tmp_path / "missing.json")), "cpu", 1)
     with pytest.raises(ConfigError, match="^TrainConfig.grad_diagnostics: needs ZeRO stage 0-2"):
-        deepspeed_config(TrainConfig(deepspeed=str(DS_CONFIGS / "zero3.json")), "cpu", 1)
+        deepspeed_config(TrainConfig(deepspeed=str(DS_CONFIGS / "zero3.json"), grad_diagnostics=True), "cpu", 1)
+    auto = TrainConfig()
+    assert grad_diagnostics_on(auto, deepspeed_config(auto, "cpu", 1))  # zero2.json
+    assert not grad_diagnostics_on(auto, {"zero_optimization": {"stage": 3}})
+    assert not grad_diagnostics_on(TrainConfig(grad_diagnostics=False), {"zero_optimization": {"stage": 2}})
 
 
 def test_shipped_deepspeed_configs_cover_each_zero_stage():
     stages = {}
     for path in sorted(DS_CONFIGS.glob("*.json")):
-        ds = deepspeed_config(TrainConfig(deepspeed=str(path), grad_diagnostics=False), "cuda", world_size=8)
+        ds = deepspeed_config(TrainConfig(deepspeed=str(path)), "cuda", world_size=8)
         stages[path.name] = (ds["zero_optimization"]["stage"], ds["bf16"]["enabled"], "offload_optimizer" in ds["zero_optimization"])
     assert stages == {
         "zero1.json": (1, True, False),
