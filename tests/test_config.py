@@ -8,18 +8,18 @@ from quietstar import ConfigError, QuietStarConfig
 from quietstar.cli_config import add_dataclass_arguments, build_config, load_yaml
 
 
-def test_defaults_follow_the_reference_code():
+def test_defaults():
     cfg = QuietStarConfig()
-    assert (cfg.thought_len, cfg.n_true, cfg.n_thoughts) == (9, 4, 2)
-    assert (cfg.sample_temperature, cfg.policy_temperature) == (1.0, 3.0)
+    assert (cfg.thought_len, cfg.n_true, cfg.n_thoughts) == (12, 4, 2)
+    assert cfg.sample_temperature == cfg.policy_temperature == 1.0
     assert cfg.positive_rewards_only is True
     assert cfg.thought_lr_multiplier == 100.0
     assert cfg.marker_init_text == "---"
     assert (cfg.formulation, cfg.attention_backend) == ("efficient", "auto")
 
 
-def test_policy_temperature_follows_sample_temperature_when_null():
-    assert QuietStarConfig(sample_temperature=0.7, policy_temperature=None).policy_temperature == 0.7
+def test_policy_temperature_follows_sample_temperature_unless_set():
+    assert QuietStarConfig(sample_temperature=0.7).policy_temperature == 0.7
     assert QuietStarConfig(sample_temperature=1.0, policy_temperature=3.0).policy_temperature == 3.0
 
 

@@ -19,7 +19,8 @@ def norm_of_backward(model, loss) -> float:
 
 def test_gradient_norms_equal_separate_backward_passes_and_leave_grads_alone():
     torch.manual_seed(0)
-    model = move_off_init(QuietStarModel(tiny_lm(), tiny_tokenizer(), QuietStarConfig(thought_len=2, n_true=2)))
+    reference = dict(base_loss_weight=0.5, talk_loss_weight=0.5, policy_loss_weight=1e6, policy_temperature=3.0, loss_reduction="reference")
+    model = move_off_init(QuietStarModel(tiny_lm(), tiny_tokenizer(), QuietStarConfig(thought_len=2, n_true=2, **reference)))
     with torch.no_grad():
         model.mixing_head.mlp[-1].weight.normal_(0, 0.5)
     ids, mask = padded_batch(lengths=(8, 6))

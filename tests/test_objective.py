@@ -1,4 +1,4 @@
-"""The reference code's objective (the default), built by hand in the reference's own layout, and its preset."""
+"""The reference code's objective, built by hand in the reference's own layout, and its preset (launch/configs/paper.yaml)."""
 
 from pathlib import Path
 
@@ -13,6 +13,8 @@ from quietstar.cli_config import load_yaml
 from quietstar.train_config import check_yaml_keys
 
 ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = dict(base_loss_weight=0.5, talk_loss_weight=0.5, policy_loss_weight=1e6, policy_temperature=3.0,
+                 loss_reduction="reference", mixing_head_layers=2, mixing_head_width=None)  # launch/configs/paper.yaml
 
 
 def reference_loss(model, ids, mask, thoughts):
@@ -57,18 +59,17 @@ def reference_loss(model, ids, mask, thoughts):
     return 0.5 * loss_mean(base_loss) + 0.5 * talk + 1e6 * policy, policy
 
 
-def test_defaults_are_the_reference_objective():
+def test_defaults_are_the_token_objective_chosen_by_the_comparison():
     cfg = QuietStarConfig()
-    assert (cfg.base_loss_weight, cfg.talk_loss_weight, cfg.policy_loss_weight) == (0.5, 0.5, 1e6)
-    assert (cfg.sample_temperature, cfg.policy_temperature, cfg.loss_reduction) == (1.0, 3.0, "reference")
-    assert (cfg.thought_len, cfg.n_true, cfg.n_thoughts) == (9, 4, 2)  # n_ahead 12, n_ahead_talk 4, n_passes 2
-    assert (cfg.mixing_head_layers, cfg.mixing_head_width) == (2, None)
+    assert (cfg.base_loss_weight, cfg.talk_loss_weight, cfg.policy_loss_weight) == (0.0, 1.0, 1.0)
+    assert (cfg.sample_temperature, cfg.policy_temperature, cfg.loss_reduction) == (1.0, 1.0, "token")
+    assert (cfg.mixing_head_layers, cfg.mixing_head_width) == (1, 256)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_reference_setting_matches_the_hand_built_reference_loss(family):
     torch.manual_seed(1)
-    model = move_off_init(QuietStarModel(tiny_lm(family), tiny_tokenizer(), QuietStarConfig(thought_len=3, n_true=2)))
+    model = move_off_init(QuietStarModel(tiny_lm(family), tiny_tokenizer(), QuietStarConfig(thought_len=3, n_true=2, **REFERENCE)))
     with torch.no_grad():  # a trained-looking head, so rewards are non-zero
         model.mixing_head.mlp[-1].weight.normal_(0, 0.5)
     ids, mask = padded_batch(seed=5, lengths=(9, 6))
@@ -117,7 +118,7 @@ def test_token_and_reference_reductions_weigh_the_same_terms_differently():
 
 def test_reference_policy_on_a_sequence_too_short_for_it_is_zero():
     torch.manual_seed(0)
-    model = QuietStarModel(tiny_lm(), tiny_tokenizer(), QuietStarConfig(thought_len=2, n_true=4))
+    model = QuietStarModel(tiny_lm(), tiny_tokenizer(), QuietStarConfig(thought_len=2, n_true=4, **REFERENCE))
     out = model(padded_batch(lengths=(5, 5))[0])
     assert out.policy_loss == 0 and torch.isfinite(out.loss)
     out.loss.backward()
@@ -127,7 +128,7 @@ def test_mixing_head_has_the_reference_shape():
     torch.manual_seed(0)
     lm = tiny_lm()
     hidden = lm.config.hidden_size
-    mlp = QuietStarModel(lm, tiny_tokenizer(), QuietStarConfig()).mixing_head.mlp
+    mlp = QuietStarModel(lm, tiny_tokenizer(), QuietStarConfig(**REFERENCE)).mixing_head.mlp
     linears = [m for m in mlp if isinstance(m, nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [(2 * hidden, hidden), (hidden, hidden), (hidden, 1)]
     assert [m.bias is not None for m in linears] == [True, True, False]
@@ -143,9 +144,8 @@ def test_paper_config_reproduces_the_reference_settings():
     check_yaml_keys(values)
     fields = {f for f in QuietStarConfig.__dataclass_fields__}
     cfg = QuietStarConfig(**{k: v for k, v in values.items() if k in fields})
-    assert (cfg.thought_len, cfg.n_true, cfg.n_thoughts) == (9, 4, 2)
-    assert (cfg.base_loss_weight, cfg.talk_loss_weight, cfg.policy_loss_weight) == (0.5, 0.5, 1e6)
-    assert (cfg.sample_temperature, cfg.policy_temperature, cfg.loss_reduction) == (1.0, 3.0, "reference")
-    assert (cfg.mixing_head_layers, cfg.mixing_head_width) == (2, None)
+    assert (cfg.thought_len, cfg.n_true, cfg.n_thoughts) == (9, 4, 2)  # n_ahead 12, n_ahead_talk 4, n_passes 2
+    assert all(getattr(cfg, name) == value for name, value in REFERENCE.items())
+    assert cfg.sample_temperature == 1.0
     assert (values["lr"], values["weight_decay"], values["warmup_steps"], values["grad_clip"]) == (1e-6, 0.001, 20, 1.0)
     assert values["seq_len"] == 256

@@ -42,8 +42,8 @@ def test_base_weights_load_with_stock_transformers(tmp_path):
     assert torch.equal(plain(input_ids=ids, attention_mask=mask).logits, model.lm(input_ids=ids, attention_mask=mask).logits)
     assert tokenizer("the sum of 2 and 3").input_ids == model.tokenizer("the sum of 2 and 3").input_ids
     meta = json.loads((tmp_path / "quietstar_config.json").read_text())
-    assert meta["method"] == "quietstar" and meta["format_version"] == 2 and meta["config"]["thought_len"] == 9
-    assert (meta["config"]["loss_reduction"], meta["config"]["mixing_head_layers"]) == ("reference", 2)
+    assert meta["method"] == "quietstar" and meta["format_version"] == 2 and meta["config"]["thought_len"] == 12
+    assert (meta["config"]["loss_reduction"], meta["config"]["mixing_head_layers"]) == ("token", 1)
 
 
 def test_loading_a_directory_that_is_not_a_checkpoint_fails_clearly(tmp_path):
