@@ -49,6 +49,15 @@ def move_off_init(model, head_scale: float = 0.0):
     return model
 
 
+def step_with_grads(model, ids: torch.Tensor, mask: torch.Tensor, thoughts: torch.Tensor):
+    """The model's forward on given thoughts, and every parameter's gradient of its loss; ``.grad`` is left zeroed."""
+    out = model(ids, mask, thoughts=thoughts)
+    out.loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    return out, grads
+
+
 def padded_batch(seed: int = 0, lengths=(8, 5), vocab: int = len(WORDS)):
     """Random right-padded ids [B, L] and attention mask [B, L]."""
     g = torch.Generator().manual_seed(seed)

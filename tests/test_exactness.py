@@ -8,6 +8,7 @@ from helpers import (
     independent_thought_pass,
     move_off_init,
     padded_batch,
+    step_with_grads,
     tiny_lm,
     tiny_tokenizer,
 )
@@ -72,10 +73,7 @@ def test_losses_and_gradients_match_independent_computation(family, positive_onl
     ids, mask = padded_batch(seed=5, lengths=(6, 4))
     thoughts = model.sample_thoughts(ids, mask, generator=torch.Generator().manual_seed(1))
 
-    out = model(ids, mask, thoughts=thoughts)
-    out.loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
+    out, grads = step_with_grads(model, ids, mask, thoughts)
     ref = independent_losses(model, ids, mask, thoughts)
     ref["loss"].backward()
 

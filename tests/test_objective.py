@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import move_off_init, padded_batch, tiny_lm, tiny_tokenizer
+from helpers import move_off_init, padded_batch, step_with_grads, tiny_lm, tiny_tokenizer
 from torch import nn
 
 from quietstar import QuietStarConfig, QuietStarModel
@@ -75,10 +75,7 @@ def test_reference_setting_matches_the_hand_built_reference_loss(family):
     ids, mask = padded_batch(seed=5, lengths=(9, 6))
     thoughts = model.sample_thoughts(ids, mask, generator=torch.Generator().manual_seed(1))
 
-    out = model(ids, mask, thoughts=thoughts)
-    out.loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
+    out, grads = step_with_grads(model, ids, mask, thoughts)
     expected, policy = reference_loss(model, ids, mask, thoughts)
     expected.backward()
 
