@@ -85,7 +85,7 @@ def shuffle_thoughts(thoughts: torch.LongTensor, valid: torch.Tensor, generator:
 
 @torch.no_grad()
 def token_nlls(model, input_ids: torch.LongTensor, attention_mask: torch.Tensor, generator: torch.Generator | None = None):
-    """Next-token NLLs of one right-padded batch: (base, talk, shuffled, valid), each [B, L].
+    """Next-token NLLs of one right-padded batch: (base, talk, shuffled, valid), each [B, L], and the thoughts [B, L, R, M].
 
     ``talk`` uses freshly sampled thoughts; ``shuffled`` the same thoughts moved to other
     positions (``shuffle_thoughts``).
@@ -94,7 +94,7 @@ def token_nlls(model, input_ids: torch.LongTensor, attention_mask: torch.Tensor,
     base, talk, valid = next_token_nlls(out)
     moved = shuffle_thoughts(out.thoughts, valid, generator)
     _, shuffled, _ = next_token_nlls(model(input_ids, attention_mask, thoughts=moved))
-    return base, talk, shuffled, valid
+    return (base, talk, shuffled, valid), out.thoughts
 
 
 @torch.no_grad()
@@ -112,7 +112,7 @@ def heldout_nll(model, batches, device, seed: int, progress: bool = False) -> di
     for i in tqdm(range(rounds), desc="held-out NLL", disable=not progress or rank != 0, leave=False):
         index = i * world + rank
         ids, mask = batches[min(index, len(batches) - 1)]
-        scores = token_nlls(model, ids.to(device), mask.to(device), generator)
+        scores, _ = token_nlls(model, ids.to(device), mask.to(device), generator)
         if index < len(batches):
             sums += torch.stack([x.sum().double() for x in scores])
     if world > 1:
@@ -211,16 +211,13 @@ def score_windows(
     for start in tqdm(range(0, len(windows), batch_size), desc="scoring", unit="batch", disable=not progress):
         batch = windows[start : start + batch_size]
         ids, mask = pad_rows([window.ids for window in batch])
-        ids, mask = ids.to(device), mask.to(device)
-        out = model(ids, mask, generator=generator)
-        base, talk, valid = next_token_nlls(out)
-        _, shuffled, _ = next_token_nlls(model(ids, mask, thoughts=shuffle_thoughts(out.thoughts, valid, generator)))
+        (base, talk, shuffled, _), thoughts = token_nlls(model, ids.to(device), mask.to(device), generator)
         for row, window in enumerate(batch):
             n = len(window.ids) - 1
             scores.base.append(base[row, :n].float().cpu())
             scores.talk.append(talk[row, :n].float().cpu())
             scores.shuffled.append(shuffled[row, :n].float().cpu())
-            scores.thoughts.append(out.thoughts[row, :n, 0].cpu())
+            scores.thoughts.append(thoughts[row, :n, 0].cpu())
     return scores
 
 

@@ -45,8 +45,8 @@ from transformers import get_scheduler, set_seed
 from quietstar import checkpoints
 from quietstar.cli_config import ConfigError, add_dataclass_arguments, build_config, load_yaml
 from quietstar.config import QuietStarConfig
-from quietstar.diagnostics import gradient_norms
 from quietstar.data import DataConfig, TokenStream, heldout_batches, load_documents, split_heldout
+from quietstar.diagnostics import gradient_norms
 from quietstar.loading import load_model
 from quietstar.offline import resolve_model_path
 from quietstar.optim import build_param_groups
