@@ -20,11 +20,12 @@ from pathlib import Path
 
 import torch
 
-from quietstar.config import QuietStarConfig
-from quietstar.eval import left_padded
-from quietstar.eval_tasks import read_jsonl
-from quietstar.generation import generate
-from quietstar.loading import load_model
+from quietstar.core.loading import load_model
+from quietstar.evaluation.tasks import read_jsonl
+from quietstar.evaluation.zero_shot import left_padded
+from quietstar.quiet_star.config import QuietStarConfig
+from quietstar.quiet_star.generation import generate
+from quietstar.quiet_star.model import QuietStarModel
 
 PROMPTS = [f"Q: What is {a} times {b} plus {a + b}?\nA:" for a, b in [(3, 4), (12, 7), (25, 4), (9, 9), (14, 3), (6, 8), (11, 5), (2, 50)]]
 
@@ -54,7 +55,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load_model(args.model, QuietStarConfig()).eval()
+    model = load_model(QuietStarModel, args.model, QuietStarConfig()).eval()
     if torch.cuda.is_available():
         model.cuda()
     pool = [item.prompt for item in read_jsonl(args.data_file, "gsm8k", max(args.batch_sizes))] if args.data_file else PROMPTS

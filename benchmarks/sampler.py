@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from quietstar.thought_sampler import SAMPLING_BLOCK, choose_tokens
+from quietstar.quiet_star.thought_sampler import SAMPLING_BLOCK, choose_tokens
 
 SHAPES = [(512, 8192), (128, 49152), (64, 152064)]  # the CPU benchmark model; SmolLM2; Qwen2
 

@@ -134,7 +134,7 @@ def run_train_row(spec: dict) -> dict:
 def run_generation_row(spec: dict) -> dict:
     import torch
 
-    from quietstar.generation import generate
+    from quietstar.quiet_star.generation import generate
 
     device = spec["device"]
     model, cfg = build(device, spec["dtype"], "efficient", spec["thought_len"], spec["n_true"], spec["n_thoughts"])

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Quiet-STaR continued pretraining through the DeepSpeed launcher (over `python -m quietstar.train`).
+# Quiet-STaR continued pretraining through the DeepSpeed launcher (over `python -m quietstar.training.pretrain`).
 #
 #   bash launch/pretrain.sh                        # the embedded default: SmolLM2-135M on the offline corpus
 #   bash launch/pretrain.sh --config launch/configs/paper.yaml --deepspeed ds_configs/zero3.json
@@ -11,7 +11,7 @@
 #   --master-addr HOST  MASTER_ADDR   the first node's address (several nodes)
 #   --master-port PORT  MASTER_PORT   default: a free port
 #   (DeepSpeed config)  DS_CONFIG     same as the recipe flag --deepspeed FILE
-# Every other argument goes to the recipe: `python -m quietstar.train --help` lists them.
+# Every other argument goes to the recipe: `python -m quietstar.training.pretrain --help` lists them.
 # With no recipe arguments, the embedded default runs: launch/configs/demo.yaml into runs/demo-<time>.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -63,5 +63,5 @@ if [[ ${#recipe[@]} -eq 0 ]]; then
 fi
 [[ -n "${DS_CONFIG:-}" ]] && recipe=(--deepspeed "$DS_CONFIG" "${recipe[@]}")
 
-echo "+ deepspeed ${launcher[*]} --module quietstar.train ${recipe[*]}" >&2
-exec deepspeed "${launcher[@]}" --module quietstar.train "${recipe[@]}"
+echo "+ deepspeed ${launcher[*]} --module quietstar.training.pretrain ${recipe[*]}" >&2
+exec deepspeed "${launcher[@]}" --module quietstar.training.pretrain "${recipe[@]}"

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from quietstar import demo, generate_cli, perplexity
-from quietstar import eval as zero_shot_eval
-from quietstar.cli_config import run_command
+from quietstar.core.cli_config import run_command
+from quietstar.evaluation import perplexity, zero_shot as zero_shot_eval
+from quietstar.quiet_star import demo, generate_cli
 
 
 def main(argv: list[str] | None = None) -> int:

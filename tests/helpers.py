@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, PreTrainedTokenizerFast, Qwen2Config
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, PreTrainedTokenizerFast, Qwen2Config
 
 WORDS = ["<pad>", "<unk>", "<eos>", "---"] + [str(i) for i in range(10)] + (
     "the a sum of is and plus minus times equals x y so then we get half twice number".split()
 )
-FAMILIES = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
+FAMILIES = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "gpt2": GPT2Config}
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
@@ -33,6 +33,9 @@ def tiny_lm(family: str = "llama", seed: int = 0, attn: str = "sdpa", **override
         max_position_embeddings=256,
         initializer_range=0.1,
     )
+    if family == "gpt2":  # GPT-2 names its MLP width n_inner and has no grouped-query heads
+        settings["n_inner"] = settings.pop("intermediate_size")
+        settings.pop("num_key_value_heads")
     settings.update(overrides)
     config = FAMILIES[family](**settings)
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
@@ -159,3 +162,36 @@ def independent_losses(model, ids: torch.Tensor, mask: torch.Tensor, thoughts: t
     out = {"base_nll": torch.stack(base_terms).mean(), "talk_nll": talk_nll, "policy_loss": policy_loss}
     out["loss"] = cfg.base_loss_weight * out["base_nll"] + cfg.talk_loss_weight * out["talk_nll"] + cfg.policy_loss_weight * out["policy_loss"]
     return out
+
+
+def independent_coconut(model, rows: list[tuple[list[int], list[int]]]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Coconut by hand, one example and one position at a time, over the plain HF model with ``inputs_embeds``.
+
+    Each row is (ids with placeholders, labels), unpadded. Position t's input is the token's
+    embedding, a marker vector, or, at a latent, the last hidden state (``hidden_states[-1]``,
+    after the final norm) of a fresh forward over positions 0..t-1. Returns each row's logits
+    [T, V] from a forward over its finished embeddings, and the mean cross-entropy over all
+    rows' labelled targets.
+    """
+    from quietstar.coconut.markers import BOT, EOT, LATENT, PAUSE
+
+    lm, embedding = model.lm, model.lm.get_input_embeddings()
+    markers = {BOT: model.markers.bot, EOT: model.markers.eot, PAUSE: model.markers.pause}
+    all_logits, total, count = [], 0.0, 0
+    for ids, labels in rows:
+        inputs = []
+        for t, token in enumerate(ids):
+            if token == LATENT:
+                hidden = lm(inputs_embeds=torch.stack(inputs)[None], output_hidden_states=True).hidden_states[-1]
+                inputs.append(hidden[0, -1])
+            elif token < 0:
+                inputs.append(markers[token])
+            else:
+                inputs.append(embedding.weight[token])
+        logits = lm(inputs_embeds=torch.stack(inputs)[None]).logits[0]
+        all_logits.append(logits)
+        for t in range(len(ids) - 1):
+            if labels[t + 1] != -100:
+                total = total + F.cross_entropy(logits[t].float(), torch.tensor(labels[t + 1]))
+                count += 1
+    return all_logits, total / count

@@ -5,7 +5,7 @@ import argparse
 import pytest
 
 from quietstar import ConfigError, QuietStarConfig
-from quietstar.cli_config import add_dataclass_arguments, build_config, load_yaml
+from quietstar.core.cli_config import add_dataclass_arguments, build_config, load_yaml
 
 
 def test_defaults():

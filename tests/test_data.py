@@ -7,7 +7,7 @@ import torch
 from helpers import WORDS, tiny_tokenizer
 
 from quietstar import ConfigError
-from quietstar.data import DataConfig, TokenStream, heldout_batches, load_documents, split_heldout
+from quietstar.core.text_data import DataConfig, TokenStream, heldout_batches, load_documents, split_heldout
 
 
 def write_jsonl(path, records):

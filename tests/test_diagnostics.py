@@ -8,7 +8,7 @@ import torch
 from helpers import move_off_init, padded_batch, tiny_lm, tiny_tokenizer
 
 from quietstar import QuietStarConfig, QuietStarModel
-from quietstar.diagnostics import gradient_norms
+from quietstar.quiet_star.diagnostics import gradient_norms
 
 
 def norm_of_backward(model, loss) -> float:

@@ -11,9 +11,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from quietstar import QuietStarConfig, QuietStarModel, cli
-from quietstar.eval import gold_logprobs, main
-from quietstar.eval_tasks import csqa_item, extract_answer, extract_choice, extract_number, gsm8k_item, normalize_number, read_jsonl
-from quietstar.generation import predict_continuation
+from quietstar.evaluation.tasks import csqa_item, extract_answer, extract_choice, extract_number, gsm8k_item, normalize_number, read_jsonl
+from quietstar.evaluation.zero_shot import gold_logprobs, main
+from quietstar.quiet_star.generation import predict_continuation
 
 # Records in the exact layouts of shared/data and of the hub datasets.
 GSM8K_RECORD = {

@@ -13,7 +13,7 @@ from torch.nn.attention.flex_attention import flex_attention
 
 from transformers import AttentionInterface
 
-from quietstar.thought_attention import ThoughtLayout, resolve_backend, thought_attention_mask
+from quietstar.quiet_star.thought_attention import ThoughtLayout, resolve_backend, thought_attention_mask
 
 RTOL = 1e-5
 WELL_CONDITIONED = ("loss", "base_nll", "talk_nll", "mixing_weight_mean")

@@ -5,7 +5,7 @@ import torch
 from helpers import independent_greedy_thought, move_off_init, sequence_hidden, tiny_lm, tiny_tokenizer
 
 from quietstar import QuietStarConfig, QuietStarModel
-from quietstar.generation import generate
+from quietstar.quiet_star.generation import generate
 
 
 def model_with_live_head(family="llama", **config):

@@ -6,7 +6,7 @@ from helpers import WORDS, padded_batch, tiny_lm, tiny_tokenizer
 from transformers import AutoModelForCausalLM, GPT2Config
 
 from quietstar import QuietStarConfig, QuietStarModel, build_param_groups
-from quietstar.thought_embeddings import ThoughtEmbeddings
+from quietstar.quiet_star.thought_embeddings import ThoughtEmbeddings
 
 
 @pytest.fixture
@@ -91,8 +91,8 @@ def test_forward_metrics_are_floats(model):
 def test_param_groups_put_the_multiplier_on_the_markers(model):
     groups = build_param_groups(model, lr=1e-6, weight_decay=0.001)
     by_name = {g["name"]: g for g in groups}
-    assert by_name["thought_embeddings"]["lr"] == pytest.approx(1e-4)
-    assert {id(p) for p in by_name["thought_embeddings"]["params"]} == {id(model.start_embedding), id(model.end_embedding)}
+    assert by_name["markers"]["lr"] == pytest.approx(1e-4)
+    assert {id(p) for p in by_name["markers"]["params"]} == {id(model.start_embedding), id(model.end_embedding)}
     n_params = sum(len(g["params"]) for g in groups)
     assert n_params == len(list(model.parameters()))
     optimizer = torch.optim.AdamW(groups)

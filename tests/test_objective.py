@@ -9,8 +9,9 @@ from helpers import move_off_init, padded_batch, step_with_grads, tiny_lm, tiny_
 from torch import nn
 
 from quietstar import QuietStarConfig, QuietStarModel
-from quietstar.cli_config import load_yaml
-from quietstar.train_config import check_yaml_keys
+from quietstar.core.cli_config import load_yaml
+from quietstar.training.pretrain import CONFIGS
+from quietstar.training.train_config import check_yaml_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = dict(base_loss_weight=0.5, talk_loss_weight=0.5, policy_loss_weight=1e6, policy_temperature=3.0,
@@ -138,7 +139,7 @@ def test_mixing_head_has_the_reference_shape():
 
 def test_paper_config_reproduces_the_reference_settings():
     values = load_yaml(ROOT / "launch/configs/paper.yaml")
-    check_yaml_keys(values)
+    check_yaml_keys(values, CONFIGS)
     fields = {f for f in QuietStarConfig.__dataclass_fields__}
     cfg = QuietStarConfig(**{k: v for k, v in values.items() if k in fields})
     assert (cfg.thought_len, cfg.n_true, cfg.n_thoughts) == (9, 4, 2)  # n_ahead 12, n_ahead_talk 4, n_passes 2

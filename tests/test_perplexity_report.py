@@ -1,4 +1,4 @@
-"""The perplexity report (``python -m quietstar.perplexity``) on a tiny saved model."""
+"""The perplexity report (``python -m quietstar.evaluation.perplexity``) on a tiny saved model."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from helpers import WORDS, move_off_init, tiny_lm, tiny_tokenizer
 
 from quietstar import QuietStarConfig, QuietStarModel
-from quietstar.perplexity import (
+from quietstar.evaluation.perplexity import (
     TokenScores,
     Window,
     difficulty_bins,
@@ -25,7 +25,7 @@ from quietstar.perplexity import (
     shuffle_thoughts,
     summary,
 )
-from quietstar.reports import write_html
+from quietstar.evaluation.reports import write_html
 
 SEQ_LEN, BATCH_SIZE, SEED = 16, 3, 5
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from quietstar.thought_sampler import SAMPLING_BLOCK, choose_tokens, invert_cdf
+from quietstar.quiet_star.thought_sampler import SAMPLING_BLOCK, choose_tokens, invert_cdf
 
 
 def midpoint_uniforms(probs: torch.Tensor) -> torch.Tensor:

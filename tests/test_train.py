@@ -18,14 +18,14 @@ import torch
 from helpers import WORDS, tiny_lm, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
-from quietstar import checkpoints
-from quietstar.cli_config import ConfigError
-from quietstar.data import DataConfig, heldout_batches, load_documents, split_heldout
-from quietstar.model import QuietStarModel
-from quietstar.perplexity import heldout_nll
-from quietstar.run_log import RunLog, read_metrics
-from quietstar.train import STEP_METRICS, build_parser, main, parse_args
-from quietstar.train_config import DS_CONFIGS, RECIPE_CONFIGS, TrainConfig, deepspeed_config, grad_diagnostics_on
+from quietstar.core.cli_config import ConfigError
+from quietstar.core.text_data import DataConfig, heldout_batches, load_documents, split_heldout
+from quietstar.evaluation.perplexity import heldout_nll
+from quietstar.quiet_star.model import QuietStarModel
+from quietstar.training import checkpoints
+from quietstar.training.pretrain import CONFIGS, STEP_METRICS, build_parser, main, parse_args
+from quietstar.training.run_log import RunLog, read_metrics
+from quietstar.training.train_config import DS_CONFIGS, TrainConfig, deepspeed_config, grad_diagnostics_on
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTRACT_FIELDS = ("step", "loss", "base_nll", "talk_nll", "policy_loss", "reward_mean", "mixing_weight_mean", "lr", "tokens_per_s")
@@ -75,7 +75,7 @@ def launch_script(args: list[str]) -> subprocess.CompletedProcess:
 
 def launcher(args: list[str]) -> subprocess.CompletedProcess:
     """The deepspeed launcher directly, 2 processes."""
-    return run(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "--module", "quietstar.train", *args])
+    return run(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "--module", "quietstar.training.pretrain", *args])
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +161,7 @@ def test_every_config_field_has_a_flag_and_yaml_and_flags_layer(tmp_path):
     assert (method.thought_len, data.seq_len, train.lr, train.max_steps) == (7, 99, 0.25, 3)
     assert (train.model, data.dataset, train.output_dir, train.seed, train.deepspeed, args.resume) == ("m", "d.jsonl", "o", 5, "x.json", True)
     flags = {flag for action in build_parser()._actions for flag in action.option_strings}
-    for cls in RECIPE_CONFIGS:
+    for cls in CONFIGS:
         for field in dataclasses.fields(cls):
             assert "--" + field.name.replace("_", "-") in flags, field.name
 
@@ -214,7 +214,8 @@ def test_deepspeed_config_is_completed_from_the_recipe_and_conflicts_are_refused
     with pytest.raises(ConfigError, match="file not found"):
         deepspeed_config(TrainConfig(deepspeed=str(tmp_path / "missing.json")), "cpu", 1)
     with pytest.raises(ConfigError, match="^TrainConfig.grad_diagnostics: needs ZeRO stage 0-2"):
-        deepspeed_config(TrainConfig(deepspeed=str(DS_CONFIGS / "zero3.json"), grad_diagnostics=True), "cpu", 1)
+        zero3 = TrainConfig(deepspeed=str(DS_CONFIGS / "zero3.json"), grad_diagnostics=True)
+        grad_diagnostics_on(zero3, deepspeed_config(zero3, "cpu", 1))
     auto = TrainConfig()
     assert grad_diagnostics_on(auto, deepspeed_config(auto, "cpu", 1))  # zero2.json
     assert not grad_diagnostics_on(auto, {"zero_optimization": {"stage": 3}})

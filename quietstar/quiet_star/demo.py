@@ -12,11 +12,12 @@ import argparse
 import time
 import torch
 
-from quietstar.cli_config import add_dataclass_arguments, build_config
-from quietstar.config import QuietStarConfig
-from quietstar.loading import load_model
-from quietstar.offline import SMOLLM2
-from quietstar.perplexity import next_token_nlls
+from quietstar.core.cli_config import add_dataclass_arguments, build_config
+from quietstar.core.loading import load_model
+from quietstar.core.offline import SMOLLM2
+from quietstar.evaluation.perplexity import next_token_nlls
+from quietstar.quiet_star.config import QuietStarConfig
+from quietstar.quiet_star.model import QuietStarModel
 
 DEFAULT_TEXT = "If 3 apples cost 12 dollars, then one apple costs 4 dollars, so 5 apples cost 20 dollars."
 
@@ -35,7 +36,7 @@ def _show(text: str, width: int) -> str:
 
 def run(args: argparse.Namespace) -> None:
     started = time.perf_counter()
-    model = load_model(args.model, build_config(QuietStarConfig, {}, args)).eval()
+    model = load_model(QuietStarModel, args.model, build_config(QuietStarConfig, {}, args)).eval()
     loaded = time.perf_counter()
     tok = model.tokenizer
     ids = tok(args.text, return_tensors="pt", add_special_tokens=False)["input_ids"]

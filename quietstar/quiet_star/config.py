@@ -6,8 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from quietstar.cli_config import is_int, is_number, require
-from quietstar.thought_attention import BACKENDS
+from quietstar.core.cli_config import is_int, is_number, require
+from quietstar.quiet_star.thought_attention import BACKENDS
 
 FORMULATIONS = ("efficient", "sequential")
 LOSS_REDUCTIONS = ("reference", "token")

@@ -1,8 +1,9 @@
 """What every latent-reasoning method shares: a wrapped Hugging Face causal LM.
 
-A method (Quiet-STaR now, Coconut later) subclasses ``LatentReasoningModel``,
-adds its own modules in ``__init__`` and defines ``forward``. This base class
-checks that the base model is one we support, and saves/loads the whole thing:
+A method (Quiet-STaR, Coconut) subclasses ``LatentReasoningModel``, adds its own
+modules in ``__init__``, states which base models it can wrap
+(``supported_families``, ``check_base_model``) and defines ``forward``. This base
+class checks the base model and saves/loads the whole thing:
 
     <dir>/config.json, model.safetensors   the base LM, as ``save_pretrained`` writes it
     <dir>/tokenizer*                       the tokenizer
@@ -26,49 +27,59 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from quietstar.thought_attention import base_attention
-
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2")
-SUPPORTED_ATTENTION = ("eager", "sdpa")
-FORMAT_VERSION = 2  # 2: the mixing head has configurable depth and a bias-free last layer
+ATTENTION_PREFIX = "quietstar_"  # a method that routes attention through its own dispatcher registers it under this prefix
 
 
-def check_base_model(lm: PreTrainedModel, tokenizer) -> None:
-    """Fail with one clear line if ``lm``/``tokenizer`` cannot be wrapped."""
-    family = getattr(lm.config, "model_type", None)
-    if family not in SUPPORTED_FAMILIES:
-        raise ValueError(
-            f"unsupported model family {family!r} ({type(lm).__name__}); supported: {', '.join(SUPPORTED_FAMILIES)}"
-        )
-    attention = base_attention(lm)
-    if attention not in SUPPORTED_ATTENTION:
-        raise ValueError(
-            f"attention implementation {attention!r} cannot take the thought attention mask; "
-            f"load the model with attn_implementation='sdpa' or 'eager'"
-        )
-    if getattr(lm.get_output_embeddings(), "bias", None) is not None:
-        raise ValueError(f"{type(lm).__name__} has an LM head with a bias; the mixing head needs a bias-free head")
-    rows = lm.get_input_embeddings().num_embeddings
-    if len(tokenizer) > rows:
-        raise ValueError(
-            f"tokenizer/model mismatch: the tokenizer has {len(tokenizer)} tokens but the model's embedding has {rows} rows"
-        )
+def base_attention(lm: PreTrainedModel) -> str:
+    """The model's own attention implementation, with a method's dispatcher prefix removed."""
+    return lm.config._attn_implementation.removeprefix(ATTENTION_PREFIX)
 
 
 class LatentReasoningModel(nn.Module):
-    """A base causal LM plus a method's own modules. Subclasses set ``method`` and ``config_class``."""
+    """A base causal LM plus a method's own modules.
+
+    Subclasses set ``method`` (the file prefix), ``config_class``, ``format_version``
+    (bumped when the method's saved weights change shape) and ``supported_families``
+    (HF ``model_type`` names), and may extend ``check_base_model``.
+    """
 
     method: ClassVar[str]
     config_class: ClassVar[type]
+    format_version: ClassVar[int]
+    supported_families: ClassVar[tuple[str, ...]]
 
     def __init__(self, base_model: PreTrainedModel, tokenizer, config) -> None:
         super().__init__()
         if not isinstance(config, self.config_class):
             raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
-        check_base_model(base_model, tokenizer)
+        self.check_base_model(base_model, tokenizer)
         self.lm = base_model
         self.tokenizer = tokenizer
         self.config = config
+
+    @classmethod
+    def check_base_model(cls, lm: PreTrainedModel, tokenizer) -> None:
+        """Fail with one clear line if ``lm``/``tokenizer`` cannot be wrapped by this method."""
+        family = getattr(lm.config, "model_type", None)
+        if family not in cls.supported_families:
+            raise ValueError(
+                f"{cls.__name__}: unsupported model family {family!r} ({type(lm).__name__}); "
+                f"supported: {', '.join(cls.supported_families)}"
+            )
+        rows = lm.get_input_embeddings().num_embeddings
+        if len(tokenizer) > rows:
+            raise ValueError(
+                f"tokenizer/model mismatch: the tokenizer has {len(tokenizer)} tokens but the model's embedding has {rows} rows"
+            )
+
+    def marker_parameters(self) -> list[nn.Parameter]:
+        """The method's learned marker embeddings, which get their own optimizer group (``core.optim``)."""
+        raise NotImplementedError
+
+    @property
+    def marker_lr_multiplier(self) -> float:
+        """The markers' learning rate as a multiple of the model's."""
+        raise NotImplementedError
 
     def method_state_dict(self) -> dict[str, torch.Tensor]:
         """The method's own weights: every entry of the state dict outside the base LM."""
@@ -83,7 +94,7 @@ class LatentReasoningModel(nn.Module):
         save_file(tensors, directory / f"{self.method}_modules.safetensors")
         meta = {
             "method": self.method,
-            "format_version": FORMAT_VERSION,
+            "format_version": self.format_version,
             "tokenizer_class": type(self.tokenizer).__name__,
             "config": dataclasses.asdict(self.config),
         }
@@ -101,9 +112,9 @@ class LatentReasoningModel(nn.Module):
             if not path.is_file():
                 raise FileNotFoundError(f"{path} not found: {directory} is not a saved {cls.__name__}")
         meta = json.loads(meta_path.read_text())
-        if meta.get("method") != cls.method or meta.get("format_version") != FORMAT_VERSION:
+        if meta.get("method") != cls.method or meta.get("format_version") != cls.format_version:
             raise ValueError(
-                f"{meta_path}: expected method {cls.method!r} format {FORMAT_VERSION}, "
+                f"{meta_path}: expected method {cls.method!r} format {cls.format_version}, "
                 f"got {meta.get('method')!r} format {meta.get('format_version')!r}"
             )
         lm = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)

@@ -1,6 +1,6 @@
 """Zero-shot GSM8K and CommonsenseQA, with and without thoughts, on one model in one run.
 
-    python -m quietstar.eval --model runs/demo/final --task gsm8k --data-file gsm8k_test.jsonl --limit 200 --output gsm8k.json
+    python -m quietstar.evaluation.zero_shot --model runs/demo/final --task gsm8k --data-file gsm8k_test.jsonl --limit 200 --output gsm8k.json
 
 Two metrics, each for ``base`` (the model without thoughts) and ``thoughts`` (a
 thought before every answer token, mixed in by the mixing head):
@@ -37,14 +37,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from quietstar.cli_config import add_dataclass_arguments, build_config, is_int, is_number, load_yaml, require, run_command
-from quietstar.config import QuietStarConfig
-from quietstar.data import pad_rows
-from quietstar.eval_tasks import COT_TRIGGER, TASKS, EvalItem, extract_answer, load_items
-from quietstar.generation import generate, predict_continuation
-from quietstar.loading import load_model
-from quietstar.model import QuietStarModel
-from quietstar.offline import SMOLLM2
+from quietstar.core.cli_config import add_dataclass_arguments, build_config, is_int, is_number, load_yaml, require, run_command
+from quietstar.core.loading import load_model
+from quietstar.core.offline import SMOLLM2
+from quietstar.core.text_data import pad_rows
+from quietstar.evaluation.tasks import COT_TRIGGER, TASKS, EvalItem, extract_answer, load_items
+from quietstar.quiet_star.config import QuietStarConfig
+from quietstar.quiet_star.generation import generate, predict_continuation
+from quietstar.quiet_star.model import QuietStarModel
 
 MODES = ("base", "thoughts")
 DEFAULT_MAX_NEW_TOKENS = {"gsm8k": 16, "csqa": 8}
@@ -52,7 +52,7 @@ DEFAULT_MAX_NEW_TOKENS = {"gsm8k": 16, "csqa": 8}
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Settings of ``python -m quietstar.eval``.
+    """Settings of ``python -m quietstar.evaluation.zero_shot``.
 
     Attributes:
         model: a saved QuietStarModel dir, a plain HF model dir, a hub id, or ``smollm2-135m``.
@@ -318,7 +318,7 @@ def run(args: argparse.Namespace) -> dict:
     values = load_yaml(args.config)
     config = build_config(EvalConfig, values, args)
     items = load_items(config.task, config.data_file, config.limit)
-    model = load_model(config.model, build_config(QuietStarConfig, values, args)).eval()
+    model = load_model(QuietStarModel, config.model, build_config(QuietStarConfig, values, args)).eval()
     if torch.cuda.is_available():
         model.cuda()
     report = evaluate(model, items, config)
@@ -335,7 +335,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m quietstar.eval", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m quietstar.evaluation.zero_shot", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     return run_command("eval", run, parser.parse_args(argv))
 

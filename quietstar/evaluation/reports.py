@@ -1,6 +1,6 @@
 """Report rendering: the difficulty figure and the token-by-token HTML page of a perplexity report.
 
-``quietstar.perplexity`` computes the numbers; this file only draws them:
+``quietstar.evaluation.perplexity`` computes the numbers into ``Window``s and ``TokenScores`` (defined here); this file draws them:
 
     difficulty.png  mean improvement (base - talk NLL) per token-difficulty bin, with the model's own
                     thoughts and with shuffled ones (the control), bars annotated with counts
@@ -10,14 +10,42 @@
 from __future__ import annotations
 
 import html
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-if TYPE_CHECKING:
-    from quietstar.perplexity import TokenScores, Window
+
+@dataclass
+class Window:
+    """Consecutive tokens ``ids`` of document number ``document`` (0-based, in file order)."""
+
+    document: int
+    ids: list[int]
+
+
+@dataclass
+class TokenScores:
+    """Per-window scores, aligned with the scored windows.
+
+    For a window of n tokens, entry t scores the target ids[t + 1]:
+        base: [n - 1] base NLLs.
+        talk: [n - 1] talk NLLs (mean over the R thoughts).
+        shuffled: [n - 1] talk NLLs with thoughts from other positions (``shuffle_thoughts``).
+        thoughts: [n - 1, M] the first thought (r = 0), sampled after ids[t].
+    """
+
+    base: list[torch.Tensor] = field(default_factory=list)
+    talk: list[torch.Tensor] = field(default_factory=list)
+    shuffled: list[torch.Tensor] = field(default_factory=list)
+    thoughts: list[torch.LongTensor] = field(default_factory=list)
+
+    def flat(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The base, talk and shuffled-thought talk NLLs of all windows, each [N] for N scored tokens."""
+        return torch.cat(self.base), torch.cat(self.talk), torch.cat(self.shuffled)
 
 
 def bin_label(lo: float, hi: float | None) -> str:

@@ -1,8 +1,8 @@
 """Quiet-STaR continued pretraining with DeepSpeed ZeRO: the training recipe, top to bottom.
 
     bash launch/pretrain.sh                                   # the embedded default (offline)
-    deepspeed --num_gpus 8 --module quietstar.train --config launch/configs/paper.yaml
-    python -m quietstar.train --max-steps 10                  # one process, no launcher
+    deepspeed --num_gpus 8 --module quietstar.training.pretrain --config launch/configs/paper.yaml
+    python -m quietstar.training.pretrain --max-steps 10                  # one process, no launcher
 
 Settings come from three typed configs (``QuietStarConfig``, ``DataConfig``,
 ``TrainConfig``): their defaults, then a ``--config`` YAML file, then one flag per
@@ -27,33 +27,36 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
-import shutil
-import socket
 import sys
 import time
 from pathlib import Path
 
-import deepspeed
 import torch
 import torch.distributed as dist
-from deepspeed.accelerator import get_accelerator
-from tqdm import tqdm
-from transformers import get_scheduler, set_seed
+from transformers import set_seed
 
-from quietstar import checkpoints
-from quietstar.cli_config import ConfigError, add_dataclass_arguments, build_config, load_yaml
-from quietstar.config import QuietStarConfig
-from quietstar.data import DataConfig, TokenStream, heldout_batches, load_documents, split_heldout
-from quietstar.diagnostics import gradient_norms
-from quietstar.loading import load_model
-from quietstar.offline import resolve_model_path
-from quietstar.optim import build_param_groups
-from quietstar.perplexity import heldout_nll
-from quietstar.run_log import RunLog
-from quietstar.train_config import TrainConfig, check_yaml_keys, deepspeed_config, grad_diagnostics_on, zero_stage
+from quietstar.core.cli_config import ConfigError, add_dataclass_arguments, build_config, load_yaml
+from quietstar.core.loading import load_model
+from quietstar.core.text_data import DataConfig, TokenStream, heldout_batches, load_documents, split_heldout
+from quietstar.evaluation.perplexity import heldout_nll
+from quietstar.quiet_star.config import QuietStarConfig
+from quietstar.quiet_star.diagnostics import gradient_norms
+from quietstar.quiet_star.model import QuietStarModel
+from quietstar.training import checkpoints
+from quietstar.training.engine import (
+    StepLog,
+    all_ranks_sum,
+    export_final,
+    fetch_base_model,
+    init_distributed,
+    initialize,
+    resume_from,
+    start_run,
+    write_run_config,
+)
+from quietstar.training.train_config import TrainConfig, check_yaml_keys, grad_diagnostics_on, zero_stage
 
+CONFIGS = (QuietStarConfig, DataConfig, TrainConfig)
 STEP_METRICS = ("loss", "base_nll", "talk_nll", "policy_loss", "reward_mean", "mixing_weight_mean")
 GRAD_METRICS = ("grad_norm_lm", "grad_norm_policy")
 STREAM_COUNTS = ("documents", "skipped_empty", "skipped_short", "skipped_malformed")
@@ -61,7 +64,7 @@ STREAM_COUNTS = ("documents", "skipped_empty", "skipped_short", "skipped_malform
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m quietstar.train",
+        prog="python -m quietstar.training.pretrain",
         description="Quiet-STaR continued pretraining with DeepSpeed ZeRO. Flags override --config, which overrides the defaults.",
     )
     parser.add_argument("--config", metavar="YAML", help="a YAML mapping of field: value for any of the fields below")
@@ -77,62 +80,27 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Quiet
     """The flags and the three configs: defaults, then the --config YAML, then the flags that were given."""
     args = build_parser().parse_args(argv)
     values = load_yaml(args.config)
-    check_yaml_keys(values)
+    check_yaml_keys(values, CONFIGS)
     return args, build_config(QuietStarConfig, values, args), build_config(DataConfig, values, args), build_config(TrainConfig, values, args)
-
-
-def init_distributed() -> tuple[int, int, torch.device]:
-    """Join the process group set up by the launcher, or make a one-process group: (rank, world size, device)."""
-    if "RANK" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    deepspeed.init_distributed()
-    accelerator = get_accelerator()
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if accelerator.device_name() == "cuda":
-        accelerator.set_device(local_rank)
-    return dist.get_rank(), dist.get_world_size(), torch.device(accelerator.device_name(local_rank))
-
-
-def all_ranks_sum(values: list[float], device: torch.device) -> list[float]:
-    """Sum a list of numbers over ranks."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
 
 
 def train(args: argparse.Namespace, method: QuietStarConfig, data: DataConfig, cfg: TrainConfig) -> dict:
     rank, world, device = init_distributed()
     out_dir, ckpt_root = Path(cfg.output_dir), Path(cfg.output_dir) / "checkpoints"
-    if not args.resume and checkpoints.latest_tag(ckpt_root) is not None:
-        raise ConfigError(f"TrainConfig.output_dir: {out_dir} already has checkpoints; pass --resume or choose another --output-dir")
-    ds_config = deepspeed_config(cfg, device.type, world)
+    ds_config = start_run(cfg, args.resume, device, world)
     diagnose = grad_diagnostics_on(cfg, ds_config)
     set_seed(cfg.seed)
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
     # Data first, so that a bad path fails before the model loads.
     documents, heldout_texts = split_heldout(load_documents(data), data.heldout_documents)
-    if int(os.environ["LOCAL_RANK"]) == 0:
-        resolve_model_path(cfg.model)  # the offline default is exported once per node, before any rank reads it
-    dist.barrier()
-    model = load_model(cfg.model, method)
+    fetch_base_model(cfg.model)
+    model = load_model(QuietStarModel, cfg.model, method)
     stream = TokenStream(documents, model.tokenizer, data, seed=cfg.seed, rank=rank, world_size=world)
     heldout = heldout_batches(heldout_texts, model.tokenizer, data.seq_len, cfg.eval_batch_size)
     if cfg.gradient_checkpointing:
         model.lm.activation_checkpointing_enable()
     model.train()
-
-    engine, *_ = deepspeed.initialize(
-        model=model,
-        model_parameters=build_param_groups(model, cfg.lr, cfg.weight_decay),
-        config=ds_config,
-        lr_scheduler=lambda optimizer: get_scheduler(
-            cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps
-        ),
-    )
+    engine = initialize(model, cfg, ds_config, cfg.max_steps)
     generator = torch.Generator(device=device).manual_seed(cfg.seed + rank)  # thought sampling, distinct per rank
 
     def evaluate() -> dict[str, float]:
@@ -147,31 +115,26 @@ def train(args: argparse.Namespace, method: QuietStarConfig, data: DataConfig, c
 
     start_step = 0
     if args.resume:
-        start_step, saved = checkpoints.load(engine, ckpt_root)
-        if saved["world_size"] != world:
-            raise ConfigError(f"--resume: the checkpoint was written by {saved['world_size']} ranks, this run has {world}")
+        start_step, saved = resume_from(engine, ckpt_root, world)
         stream.load_state_dict(saved["data"])
         checkpoints.set_rng_state(saved["rng"], generator)
         before = saved["heldout_before"]
         if start_step > cfg.max_steps:
             raise ConfigError(f"--resume: the checkpoint is at step {start_step}, beyond TrainConfig.max_steps = {cfg.max_steps}")
     if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(
-            {"quietstar": model.config.to_dict(), "data": vars(data), "train": vars(cfg), "deepspeed": ds_config, "world_size": world},
-            indent=2, default=str) + "\n")
-        print(f"quietstar.train: {world} rank(s) on {device.type}, ZeRO-{zero_stage(ds_config)}, "
+        write_run_config(out_dir, {"quietstar": model.config.to_dict(), "data": vars(data), "train": vars(cfg),
+                                   "deepspeed": ds_config, "world_size": world})
+        print(f"quietstar.training.pretrain: {world} rank(s) on {device.type}, ZeRO-{zero_stage(ds_config)}, "
               f"{'bf16' if ds_config['bf16']['enabled'] else 'fp32'}, global batch {cfg.micro_batch_size * cfg.grad_accum_steps * world} "
               f"x {data.seq_len} tokens, steps {start_step + 1}..{cfg.max_steps} -> {out_dir}", flush=True)
     if not args.resume:
         before = evaluate()
-    log = RunLog(out_dir, resume_step=start_step) if rank == 0 else None
-    if log and not args.resume and before:
+    log = StepLog(out_dir, start_step, cfg.max_steps, rank)
+    if not args.resume and before:
         log.heldout(0, before)
 
     tokens_per_step = cfg.micro_batch_size * cfg.grad_accum_steps * data.seq_len * world
     batches = stream.batches(cfg.micro_batch_size)
-    bar = tqdm(total=cfg.max_steps, initial=start_step, desc="train", unit="step", disable=rank != 0)
     train_started, step_seconds, after = time.perf_counter(), 0.0, before
     for step in range(start_step + 1, cfg.max_steps + 1):
         started = time.perf_counter()
@@ -210,19 +173,16 @@ def train(args: argparse.Namespace, method: QuietStarConfig, data: DataConfig, c
         if evaluating:
             after = evaluate()
             record.update({f"heldout_{k}": v for k, v in after.items() if k != "tokens"})
-        if log:
-            log.step(record)
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", talk=f"{record['talk_nll']:.3f}", w=f"{record['mixing_weight_mean']:.3f}")
+        log.step(record, loss=f"{record['loss']:.3f}", talk=f"{record['talk_nll']:.3f}", w=f"{record['mixing_weight_mean']:.3f}")
         if cfg.save_every and step % cfg.save_every == 0 or step == cfg.max_steps:
             save(step, before)
-    bar.close()
+    log.close()
     elapsed = time.perf_counter() - train_started
     steps_run = cfg.max_steps - start_step
     if steps_run == 0:  # resumed from the last step's checkpoint: nothing to train
         after = evaluate()
 
-    final = export_final(engine, cfg, method, ckpt_root, out_dir, rank)
+    final = export_final(engine, QuietStarModel, cfg.model, method, ckpt_root, out_dir, rank)
     summary = {
         "steps": cfg.max_steps,
         "steps_run": steps_run,
@@ -238,30 +198,10 @@ def train(args: argparse.Namespace, method: QuietStarConfig, data: DataConfig, c
             "final": str(final),
         },
     }
-    if log:
-        log.close()
+    if rank == 0:
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print_summary(summary)
     return summary
-
-
-def export_final(engine, cfg: TrainConfig, method: QuietStarConfig, ckpt_root: Path, out_dir: Path, rank: int) -> Path:
-    """Write ``<output-dir>/final`` (``QuietStarModel.save_pretrained``) from the latest checkpoint's fp32 weights."""
-    final = out_dir / "final"
-    if rank == 0:
-        weights = checkpoints.consolidated_state_dict(ckpt_root, checkpoints.latest_tag(ckpt_root))
-        model = load_model(cfg.model, method)
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-        tied = {name for name in missing if name == "lm.lm_head.weight" and model.lm.config.tie_word_embeddings}
-        if set(missing) - tied or unexpected:
-            raise RuntimeError(f"export: checkpoint and model disagree: missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}")
-        staging = out_dir / "final.partial"
-        shutil.rmtree(staging, ignore_errors=True)
-        model.save_pretrained(staging)
-        shutil.rmtree(final, ignore_errors=True)
-        staging.rename(final)
-    dist.barrier()
-    return final
 
 
 def print_summary(summary: dict) -> None:
@@ -283,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         args, method, data, cfg = parse_args(argv)
         train(args, method, data, cfg)
     except (ConfigError, FileNotFoundError, ValueError) as error:
-        print(f"quietstar.train: error: {error}", file=sys.stderr)
+        print(f"quietstar.training.pretrain: error: {error}", file=sys.stderr)
         return 2
     finally:
         if dist.is_initialized():

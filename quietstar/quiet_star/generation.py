@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from quietstar.model import QuietStarModel
-from quietstar.thought_sampler import choose_tokens
+from quietstar.quiet_star.model import QuietStarModel
+from quietstar.quiet_star.thought_sampler import choose_tokens
 
 
 class ThinkingCache:

@@ -1,8 +1,10 @@
-"""TrainConfig: the training recipe's settings, and the DeepSpeed config they complete.
+"""The training recipes' settings, and the DeepSpeed config they complete.
 
-The recipe reads three typed configs from one flat namespace (YAML keys or CLI
-flags): ``QuietStarConfig`` (the method), ``DataConfig`` (the text) and
-``TrainConfig`` (this file). Field names are unique across the three.
+``EngineConfig`` holds what both recipes share (model, output, DeepSpeed JSON, batch,
+optimizer, precision, checkpoints); ``TrainConfig`` (Quiet-STaR pretraining) and
+``CoconutTrainConfig`` extend it. A recipe reads its typed configs from one flat
+namespace (YAML keys or CLI flags): the method's config, the data's and its train
+config. Field names are unique across the configs of a recipe.
 
 The DeepSpeed JSON (``TrainConfig.deepspeed``) owns the ZeRO stage, offload and
 communication settings. The batch, optimizer, clipping and precision values
@@ -19,32 +21,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from quietstar.cli_config import ConfigError, is_int, is_number, require
-from quietstar.config import QuietStarConfig
-from quietstar.data import DataConfig
-from quietstar.offline import SMOLLM2
+from quietstar.core.cli_config import ConfigError, is_int, is_number, require
+from quietstar.core.offline import SMOLLM2
 
-DS_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
+DS_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """Settings of ``python -m quietstar.train``. Optimizer defaults follow the paper.
+class EngineConfig:
+    """What both recipes' engines need: the model, the output, DeepSpeed, the batch and AdamW.
 
     Attributes:
         model: the starting model: ``smollm2-135m`` (offline default), a local HF
-            model dir, a saved QuietStarModel dir, or a hub id.
+            model dir, a saved model dir of the recipe's method, or a hub id.
         output_dir: checkpoints, ``metrics.jsonl``, TensorBoard events and ``final/``.
         deepspeed: the DeepSpeed JSON (ZeRO stage, offload); see ``ds_configs/``.
-        max_steps: optimizer steps to train for.
-        seed: fixes the initial weights of the new modules, the data order and the thoughts.
+        seed: fixes the initial weights of the new modules, the data order and any sampling.
         micro_batch_size: sequences per device per forward.
         grad_accum_steps: forwards per optimizer step; the global batch is
             micro_batch_size * grad_accum_steps * number of devices.
-        lr: AdamW learning rate of the model (the markers get
-            ``lr * thought_lr_multiplier``).
+        lr: AdamW learning rate of the model (the method's markers get
+            ``lr`` times the method's marker multiplier).
         weight_decay: AdamW weight decay (not applied to the markers).
         warmup_steps: linear warmup from 0 to ``lr``.
         lr_scheduler: a ``transformers`` schedule: constant, constant_with_warmup, linear, cosine.
@@ -52,23 +51,14 @@ class TrainConfig:
         precision: ``bf16`` (bf16 compute, fp32 master weights), ``fp32``, or
             ``auto`` (bf16 on CUDA, fp32 on CPU).
         gradient_checkpointing: recompute each layer in backward to save memory.
-        eval_every: held-out base vs. talk NLL every this many steps (and before
-            the first and after the last); 0 evaluates only before and after.
-        eval_batch_size: sequences per held-out forward.
-        grad_diagnostics: at every held-out evaluation step, also measure the
-            gradient norms of the LM terms and of the policy term apart, on that
-            step's first micro-batch (``quietstar.diagnostics``). They need whole
-            weights on each rank: ``None`` (auto) turns them on for ZeRO stages 0-2
-            and off for ZeRO-3; ``true`` under ZeRO-3 is an error.
-        save_every: a checkpoint every this many steps (and after the last); 0
-            saves only after the last.
+        save_every: a checkpoint every this many optimizer steps (and at the end); 0
+            saves only at the end (and, for Coconut, at each epoch's end).
         keep_checkpoints: how many of the newest checkpoints to keep; 0 keeps all.
     """
 
     model: str = SMOLLM2
     output_dir: str = "runs/quietstar"
     deepspeed: str = str(DS_CONFIGS / "zero2.json")
-    max_steps: int = 100
     seed: int = 0
     micro_batch_size: int = 1
     grad_accum_steps: int = 8
@@ -79,18 +69,15 @@ class TrainConfig:
     grad_clip: float = 1.0
     precision: str = "auto"
     gradient_checkpointing: bool = False
-    eval_every: int = 50
-    eval_batch_size: int = 4
-    grad_diagnostics: bool | None = None
     save_every: int = 50
     keep_checkpoints: int = 2
 
     def __post_init__(self) -> None:
         for name in ("model", "output_dir", "deepspeed"):
             require(isinstance(getattr(self, name), str) and getattr(self, name).strip() != "", self, name, "must be a non-empty string")
-        for name in ("max_steps", "micro_batch_size", "grad_accum_steps", "eval_batch_size"):
+        for name in ("micro_batch_size", "grad_accum_steps"):
             require(is_int(getattr(self, name)) and getattr(self, name) >= 1, self, name, "must be an integer >= 1")
-        for name in ("seed", "warmup_steps", "eval_every", "save_every", "keep_checkpoints"):
+        for name in ("seed", "warmup_steps", "save_every", "keep_checkpoints"):
             require(is_int(getattr(self, name)) and getattr(self, name) >= 0, self, name, "must be an integer >= 0")
         require(is_number(self.lr) and self.lr > 0, self, "lr", "must be a finite number > 0")
         require(is_number(self.weight_decay) and self.weight_decay >= 0, self, "weight_decay", "must be a finite number >= 0")
@@ -104,22 +91,84 @@ class TrainConfig:
         )
         require(self.precision in PRECISIONS, self, "precision", f"must be one of {', '.join(PRECISIONS)}")
         require(isinstance(self.gradient_checkpointing, bool), self, "gradient_checkpointing", "must be true or false")
+
+
+@dataclass(frozen=True)
+class TrainConfig(EngineConfig):
+    """Settings of ``python -m quietstar.training.pretrain`` (Quiet-STaR): ``EngineConfig`` plus the step budget,
+    held-out evaluation and gradient diagnostics. Optimizer defaults follow the paper.
+
+    Attributes:
+        max_steps: optimizer steps to train for.
+        eval_every: held-out base vs. talk NLL every this many steps (and before
+            the first and after the last); 0 evaluates only before and after.
+        eval_batch_size: sequences per held-out forward.
+        grad_diagnostics: at every held-out evaluation step, also measure the
+            gradient norms of the LM terms and of the policy term apart, on that
+            step's first micro-batch (``quietstar.quiet_star.diagnostics``). They need whole
+            weights on each rank: ``None`` (auto) turns them on for ZeRO stages 0-2
+            and off for ZeRO-3; ``true`` under ZeRO-3 is an error.
+    """
+
+    max_steps: int = 100
+    eval_every: int = 50
+    eval_batch_size: int = 4
+    grad_diagnostics: bool | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("max_steps", "eval_batch_size"):
+            require(is_int(getattr(self, name)) and getattr(self, name) >= 1, self, name, "must be an integer >= 1")
+        require(is_int(self.eval_every) and self.eval_every >= 0, self, "eval_every", "must be an integer >= 0")
         require(self.grad_diagnostics is None or isinstance(self.grad_diagnostics, bool), self, "grad_diagnostics",
                 "must be true, false or null (auto)")
 
 
-RECIPE_CONFIGS = (QuietStarConfig, DataConfig, TrainConfig)
+@dataclass(frozen=True)
+class CoconutTrainConfig(EngineConfig):
+    """Settings of ``python -m quietstar.training.coconut``: ``EngineConfig`` with the paper's optimizer
+    (AdamW 1e-4, weight decay 0.01, no schedule, no clipping) plus epochs and validation.
+
+    Attributes:
+        num_epochs: epochs to train; the curriculum stage is ``epoch // epochs_per_stage``.
+        val_batch_size: questions per greedy-decoding batch in validation.
+        val_max_new_tokens: tokens generated per validation answer at most.
+        max_val_examples: validate on at most this many items (None: the whole split).
+    """
+
+    output_dir: str = "runs/coconut"
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    lr_scheduler: str = "constant"
+    grad_clip: float = 0.0
+    precision: str = "fp32"
+    grad_accum_steps: int = 1
+    micro_batch_size: int = 8
+    save_every: int = 0
+    keep_checkpoints: int = 1
+    num_epochs: int = 6
+    val_batch_size: int = 32
+    val_max_new_tokens: int = 64
+    max_val_examples: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("num_epochs", "val_batch_size", "val_max_new_tokens"):
+            require(is_int(getattr(self, name)) and getattr(self, name) >= 1, self, name, "must be an integer >= 1")
+        require(self.max_val_examples is None or (is_int(self.max_val_examples) and self.max_val_examples >= 1),
+                self, "max_val_examples", "must be an integer >= 1 or null (all)")
 
 
-def check_yaml_keys(values: dict[str, Any]) -> None:
+def check_yaml_keys(values: dict[str, Any], configs: tuple[type, ...]) -> None:
     """Every YAML key must name a field of one of the recipe's configs."""
-    known = {f.name for cls in RECIPE_CONFIGS for f in dataclasses.fields(cls)}
+    known = {f.name for cls in configs for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"config file: unknown field(s) {', '.join(unknown)}; run with --help for the list")
 
 
-def use_bf16(train: TrainConfig, device_type: str) -> bool:
+def use_bf16(train: EngineConfig, device_type: str) -> bool:
     return train.precision == "bf16" or (train.precision == "auto" and device_type == "cuda")
 
 
@@ -138,7 +187,7 @@ def _fill(ds: dict, keys: tuple[str, ...], value: Any, owner: str, path: Path) -
         )
 
 
-def deepspeed_config(train: TrainConfig, device_type: str, world_size: int) -> dict[str, Any]:
+def deepspeed_config(train: EngineConfig, device_type: str, world_size: int) -> dict[str, Any]:
     """The DeepSpeed config dict for this run: ``train.deepspeed`` completed from ``train``."""
     path = Path(train.deepspeed)
     if not path.is_file():
@@ -168,16 +217,16 @@ def deepspeed_config(train: TrainConfig, device_type: str, world_size: int) -> d
         # DeepSpeed's fused Adam would compile a C++ op for the CPU; torch's AdamW is as fast there.
         ds["optimizer"]["params"].setdefault("torch_adam", True)
     ds.setdefault("steps_per_print", 10**9)  # the recipe logs every step itself
-    if train.grad_diagnostics and zero_stage(ds) == 3:
-        raise ConfigError(
-            f"TrainConfig.grad_diagnostics: needs ZeRO stage 0-2, but {path} is ZeRO-3 (it partitions the weights); "
-            "pass --no-grad-diagnostics"
-        )
     return ds
 
 
 def grad_diagnostics_on(train: TrainConfig, ds: dict[str, Any]) -> bool:
     """Whether this run records gradient diagnostics: as set, or (auto) whenever the weights are whole (ZeRO 0-2)."""
+    if train.grad_diagnostics and zero_stage(ds) == 3:
+        raise ConfigError(
+            f"TrainConfig.grad_diagnostics: needs ZeRO stage 0-2, but {train.deepspeed} is ZeRO-3 (it partitions the weights); "
+            "pass --no-grad-diagnostics"
+        )
     return train.grad_diagnostics if train.grad_diagnostics is not None else zero_stage(ds) < 3
 
 

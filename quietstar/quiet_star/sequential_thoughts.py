@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
 
-from quietstar.config import QuietStarConfig
-from quietstar.losses import at_least_fp32
-from quietstar.thought_embeddings import ThoughtEmbeddings
-from quietstar.thought_sampler import ThoughtRollout, check_thoughts_shape, choose_tokens, true_continuation
+from quietstar.quiet_star.config import QuietStarConfig
+from quietstar.quiet_star.losses import at_least_fp32
+from quietstar.quiet_star.thought_embeddings import ThoughtEmbeddings
+from quietstar.quiet_star.thought_sampler import ThoughtRollout, check_thoughts_shape, choose_tokens, true_continuation
 
 
 def diagonal_thought_mask(text_mask: torch.Tensor, n_blocks: int, dtype: torch.dtype) -> torch.Tensor:

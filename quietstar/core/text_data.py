@@ -36,7 +36,7 @@ import torch
 from datasets import Dataset, IterableDataset, load_dataset
 from datasets.distributed import split_dataset_by_node
 
-from quietstar.cli_config import is_int, require
+from quietstar.core.cli_config import is_int, require
 
 CHAMP = "champ"
 PACKING = ("pack", "crop")

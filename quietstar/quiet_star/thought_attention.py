@@ -44,7 +44,8 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-PREFIX = "quietstar_"
+from quietstar.core.latent_model import ATTENTION_PREFIX as PREFIX
+
 BACKENDS = ("auto", "flex", "cpu_flash", "torch")
 
 
@@ -312,8 +313,3 @@ def install_thought_attention(lm: PreTrainedModel) -> None:
     current = lm.config._attn_implementation
     if not current.startswith(PREFIX):
         lm.config._attn_implementation = PREFIX + current
-
-
-def base_attention(lm: PreTrainedModel) -> str:
-    """The model's own attention implementation, with the dispatcher's prefix removed."""
-    return lm.config._attn_implementation.removeprefix(PREFIX)

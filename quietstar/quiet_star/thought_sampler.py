@@ -38,10 +38,10 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
 
-from quietstar.config import QuietStarConfig
-from quietstar.losses import at_least_fp32, chunked_token_logprobs
-from quietstar.thought_attention import ThoughtLayout, resolve_backend, thought_attention_mask
-from quietstar.thought_embeddings import ThoughtEmbeddings
+from quietstar.quiet_star.config import QuietStarConfig
+from quietstar.quiet_star.losses import at_least_fp32, chunked_token_logprobs
+from quietstar.quiet_star.thought_attention import ThoughtLayout, resolve_backend, thought_attention_mask
+from quietstar.quiet_star.thought_embeddings import ThoughtEmbeddings
 
 
 @dataclass

@@ -13,10 +13,11 @@ import time
 
 import torch
 
-from quietstar.config import QuietStarConfig
-from quietstar.generation import generate
-from quietstar.loading import load_model
-from quietstar.offline import SMOLLM2
+from quietstar.core.loading import load_model
+from quietstar.core.offline import SMOLLM2
+from quietstar.quiet_star.config import QuietStarConfig
+from quietstar.quiet_star.generation import generate
+from quietstar.quiet_star.model import QuietStarModel
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,7 +37,7 @@ def run(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.temperature <= 0:
         raise ValueError(f"--temperature must be > 0, got {args.temperature}")
-    model = load_model(args.model, QuietStarConfig()).eval()
+    model = load_model(QuietStarModel, args.model, QuietStarConfig()).eval()
     tokenizer = model.tokenizer
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:

@@ -18,14 +18,14 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from quietstar.config import QuietStarConfig
-from quietstar.latent_model import LatentReasoningModel
-from quietstar.losses import chunked_token_logprobs, future_targets, masked_mean, nll, reinforce_loss, talk_nll, thought_rewards
-from quietstar.mixing_head import MixingHead
-from quietstar.sequential_thoughts import sequential_rollout
-from quietstar.thought_attention import install_thought_attention
-from quietstar.thought_embeddings import ThoughtEmbeddings
-from quietstar.thought_sampler import ThoughtRollout, replay_thoughts, sample_thoughts
+from quietstar.core.latent_model import LatentReasoningModel, base_attention
+from quietstar.quiet_star.config import QuietStarConfig
+from quietstar.quiet_star.losses import chunked_token_logprobs, future_targets, masked_mean, nll, reinforce_loss, talk_nll, thought_rewards
+from quietstar.quiet_star.mixing_head import MixingHead
+from quietstar.quiet_star.sequential_thoughts import sequential_rollout
+from quietstar.quiet_star.thought_attention import install_thought_attention
+from quietstar.quiet_star.thought_embeddings import ThoughtEmbeddings
+from quietstar.quiet_star.thought_sampler import ThoughtRollout, replay_thoughts, sample_thoughts
 
 
 @dataclass
@@ -35,7 +35,7 @@ class QuietStarOutput:
     ``loss = lm_loss + policy_term`` carries the graph, and so do its two parts:
     ``lm_loss`` (base_loss_weight * base NLL + talk_loss_weight * talk NLL) and
     ``policy_term`` (policy_loss_weight * policy loss), so that their gradients
-    can be measured apart (``quietstar.diagnostics``).
+    can be measured apart (``quietstar.quiet_star.diagnostics``).
 
     ``base_nll`` is the next-token NLL of the unchanged model; ``talk_nll`` averages
     over all K targets after each thought, so the two differ even when talk == base.
@@ -82,6 +82,21 @@ class QuietStarModel(LatentReasoningModel):
 
     method = "quietstar"
     config_class = QuietStarConfig
+    format_version = 2  # 2: the mixing head has configurable depth and a bias-free last layer
+    supported_families = ("llama", "mistral", "qwen2")
+
+    @classmethod
+    def check_base_model(cls, lm: PreTrainedModel, tokenizer) -> None:
+        """Also: the attention must take the thought mask, and the LM head must be bias-free (the mixing head mixes states)."""
+        super().check_base_model(lm, tokenizer)
+        attention = base_attention(lm)
+        if attention not in ("eager", "sdpa"):
+            raise ValueError(
+                f"attention implementation {attention!r} cannot take the thought attention mask; "
+                f"load the model with attn_implementation='sdpa' or 'eager'"
+            )
+        if getattr(lm.get_output_embeddings(), "bias", None) is not None:
+            raise ValueError(f"{type(lm).__name__} has an LM head with a bias; the mixing head needs a bias-free head")
 
     def __init__(self, base_model: PreTrainedModel, tokenizer, config: QuietStarConfig | None = None) -> None:
         super().__init__(base_model, tokenizer, config if config is not None else QuietStarConfig())
@@ -92,6 +107,13 @@ class QuietStarModel(LatentReasoningModel):
         hidden_size = base_model.config.hidden_size
         width = self.config.mixing_head_width or hidden_size
         self.mixing_head = MixingHead(hidden_size, width, self.config.mixing_head_layers).to(**like)
+
+    def marker_parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.thought_embeddings.parameters())
+
+    @property
+    def marker_lr_multiplier(self) -> float:
+        return self.config.thought_lr_multiplier
 
     @property
     def start_embedding(self) -> torch.nn.Parameter:

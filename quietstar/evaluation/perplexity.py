@@ -13,7 +13,7 @@ model and mixing head. If the thoughts carry information about what follows
 them, talk < shuffled; if only the mixing head learned something that any
 thought allows, the two tie.
 
-    python -m quietstar.perplexity --model runs/demo/final --data-file heldout.jsonl --output-dir reports/demo
+    python -m quietstar.evaluation.perplexity --model runs/demo/final --data-file heldout.jsonl --output-dir reports/demo
 
 reads a ``.txt`` file (one document) or a ``.jsonl`` file (one object per line, the text in
 ``--text-field``), cuts each document into consecutive ``--seq-len`` windows, scores them
@@ -35,7 +35,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -43,12 +43,13 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from quietstar.cli_config import add_dataclass_arguments, build_config, is_int, load_yaml, require, run_command
-from quietstar.config import QuietStarConfig
-from quietstar.data import jsonl_records, pad_rows
-from quietstar.loading import load_model
-from quietstar.offline import SMOLLM2
-from quietstar.reports import write_html, write_png
+from quietstar.core.cli_config import add_dataclass_arguments, build_config, is_int, load_yaml, require, run_command
+from quietstar.core.loading import load_model
+from quietstar.core.offline import SMOLLM2
+from quietstar.core.text_data import jsonl_records, pad_rows
+from quietstar.evaluation.reports import TokenScores, Window, write_html, write_png
+from quietstar.quiet_star.config import QuietStarConfig
+from quietstar.quiet_star.model import QuietStarModel
 
 DIFFICULTY_EDGES = (0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, math.inf)
 SUFFIXES = (".txt", ".jsonl")
@@ -124,35 +125,6 @@ def heldout_nll(model, batches, device, seed: int, progress: bool = False) -> di
 
 
 # --- perplexity reports ------------------------------------------------------------------------------------
-
-
-@dataclass
-class Window:
-    """Consecutive tokens ``ids`` of document number ``document`` (0-based, in file order)."""
-
-    document: int
-    ids: list[int]
-
-
-@dataclass
-class TokenScores:
-    """Per-window scores, aligned with the scored windows.
-
-    For a window of n tokens, entry t scores the target ids[t + 1]:
-        base: [n - 1] base NLLs.
-        talk: [n - 1] talk NLLs (mean over the R thoughts).
-        shuffled: [n - 1] talk NLLs with thoughts from other positions (``shuffle_thoughts``).
-        thoughts: [n - 1, M] the first thought (r = 0), sampled after ids[t].
-    """
-
-    base: list[torch.Tensor] = field(default_factory=list)
-    talk: list[torch.Tensor] = field(default_factory=list)
-    shuffled: list[torch.Tensor] = field(default_factory=list)
-    thoughts: list[torch.LongTensor] = field(default_factory=list)
-
-    def flat(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The base, talk and shuffled-thought talk NLLs of all windows, each [N] for N scored tokens."""
-        return torch.cat(self.base), torch.cat(self.talk), torch.cat(self.shuffled)
 
 
 def read_documents(path: Path, text_field: str, max_documents: int | None = None) -> list[str]:
@@ -272,7 +244,7 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
 
 @dataclass(frozen=True)
 class ReportConfig:
-    """Settings of ``python -m quietstar.perplexity``.
+    """Settings of ``python -m quietstar.evaluation.perplexity``.
 
     Attributes:
         model: a saved QuietStarModel dir (e.g. ``<output-dir>/final``), a plain HF model dir, or ``smollm2-135m``.
@@ -364,7 +336,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     texts = read_documents(Path(config.data_file), config.text_field, config.max_documents)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device
-    model = load_model(config.model, build_config(QuietStarConfig, values, args)).eval().to(device)
+    model = load_model(QuietStarModel, config.model, build_config(QuietStarConfig, values, args)).eval().to(device)
     tokenizer = model.tokenizer
     documents = (tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts)
     windows = make_windows(documents, config.seq_len, config.max_tokens)
@@ -384,7 +356,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m quietstar.perplexity", description="perplexity report with and without thoughts on held-out text"
+        prog="python -m quietstar.evaluation.perplexity", description="perplexity report with and without thoughts on held-out text"
     )
     add_arguments(parser)
     return run_command("perplexity", run, parser.parse_args(argv))

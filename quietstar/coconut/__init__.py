@@ -1,0 +1,1 @@
+"""Coconut: continuous thoughts (the last hidden state fed back as the next input embedding), trained by a curriculum."""

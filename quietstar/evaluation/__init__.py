@@ -1,0 +1,1 @@
+"""Evaluation: zero-shot GSM8K/CommonsenseQA, held-out perplexity and its reports."""

@@ -1,0 +1,151 @@
+"""The steps both training recipes share: distributed init, ``deepspeed.initialize``, resume, step logging, export.
+
+A recipe (``training.pretrain`` for Quiet-STaR, ``training.coconut``) reads top to
+bottom and calls these in order:
+
+    rank, world, device = init_distributed()
+    ds_config = start_run(cfg, resume, device, world)          # no overwrite, the DeepSpeed JSON completed
+    model = load_model(...)                                      # after fetch_base_model()
+    engine = initialize(model, cfg, ds_config, total_steps)      # AdamW groups + transformers LR schedule
+    step, saved = resume_from(engine, ckpt_root, world)          # weights, optimizer, schedule, per-rank state
+    log = StepLog(out_dir, start_step, total, rank)              # metrics.jsonl + TensorBoard + progress bar
+    ... the recipe's own loop, calling checkpoints.save(...) and log.step(...)
+    export_final(engine, model_class, cfg.model, method, ckpt_root, out_dir, rank)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+from tqdm import tqdm
+from transformers import get_scheduler
+
+from quietstar.core.cli_config import ConfigError
+from quietstar.core.latent_model import LatentReasoningModel
+from quietstar.core.loading import load_model
+from quietstar.core.offline import resolve_model_path
+from quietstar.core.optim import build_param_groups
+from quietstar.training import checkpoints
+from quietstar.training.run_log import RunLog
+from quietstar.training.train_config import EngineConfig, deepspeed_config
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Join the process group set up by the launcher, or make a one-process group: (rank, world size, device)."""
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    deepspeed.init_distributed()
+    accelerator = get_accelerator()
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if accelerator.device_name() == "cuda":
+        accelerator.set_device(local_rank)
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    return dist.get_rank(), dist.get_world_size(), torch.device(accelerator.device_name(local_rank))
+
+
+def all_ranks_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum a list of numbers over ranks."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def start_run(cfg: EngineConfig, resume: bool, device: torch.device, world: int) -> dict[str, Any]:
+    """Refuse to overwrite a run that has checkpoints (unless resuming); return the completed DeepSpeed config."""
+    ckpt_root = Path(cfg.output_dir) / "checkpoints"
+    if not resume and checkpoints.latest_tag(ckpt_root) is not None:
+        raise ConfigError(f"output_dir: {cfg.output_dir} already has checkpoints; pass --resume or choose another --output-dir")
+    return deepspeed_config(cfg, device.type, world)
+
+
+def fetch_base_model(name: str) -> None:
+    """Export the offline default once per node, before any rank reads it."""
+    if int(os.environ["LOCAL_RANK"]) == 0:
+        resolve_model_path(name)
+    dist.barrier()
+
+
+def initialize(model: LatentReasoningModel, cfg: EngineConfig, ds_config: dict[str, Any], total_steps: int):
+    """``deepspeed.initialize`` with the two AdamW groups (``core.optim``) and a transformers LR schedule."""
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        model_parameters=build_param_groups(model, cfg.lr, cfg.weight_decay),
+        config=ds_config,
+        lr_scheduler=lambda optimizer: get_scheduler(
+            cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total_steps
+        ),
+    )
+    return engine
+
+
+def resume_from(engine, ckpt_root: Path, world: int) -> tuple[int, dict[str, Any]]:
+    """Load ``latest``: (its step, this rank's saved state). The number of ranks must match the saving run's."""
+    step, saved = checkpoints.load(engine, ckpt_root)
+    if saved["world_size"] != world:
+        raise ConfigError(f"--resume: the checkpoint was written by {saved['world_size']} ranks, this run has {world}")
+    return step, saved
+
+
+def write_run_config(out_dir: Path, record: dict[str, Any]) -> None:
+    """``<output-dir>/config.json``: every setting the run used."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+
+
+class StepLog:
+    """Rank 0's step log: ``metrics.jsonl`` and TensorBoard (``RunLog``) plus a tqdm bar; other ranks log nothing."""
+
+    def __init__(self, out_dir: Path, start_step: int, total_steps: int, rank: int, desc: str = "train") -> None:
+        self.log = RunLog(out_dir, resume_step=start_step) if rank == 0 else None
+        self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step", disable=rank != 0)
+
+    def heldout(self, step: int, values: dict[str, float]) -> None:
+        if self.log:
+            self.log.heldout(step, values)
+
+    def step(self, record: dict[str, Any], **postfix: str) -> None:
+        if self.log:
+            self.log.step(record)
+            self.bar.update(1)
+            self.bar.set_postfix(**postfix)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.log:
+            self.log.close()
+
+
+def export_final(engine, model_class: type[LatentReasoningModel], model_name: str, method_config, ckpt_root: Path,
+                 out_dir: Path, rank: int, tag: str | None = None) -> Path:
+    """Write ``<output-dir>/final`` (``model_class.save_pretrained``) from a checkpoint's fp32 weights (default: ``latest``).
+
+    The weights are gathered from the ZeRO shards of every rank, so this works at any stage.
+    """
+    final = out_dir / "final"
+    if rank == 0:
+        weights = checkpoints.consolidated_state_dict(ckpt_root, tag or checkpoints.latest_tag(ckpt_root))
+        model = load_model(model_class, model_name, method_config)
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        tied = {name for name in missing if name == "lm.lm_head.weight" and model.lm.config.tie_word_embeddings}
+        if set(missing) - tied or unexpected:
+            raise RuntimeError(f"export: checkpoint and model disagree: missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}")
+        staging = out_dir / "final.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        model.save_pretrained(staging)
+        shutil.rmtree(final, ignore_errors=True)
+        staging.rename(final)
+    dist.barrier()
+    return final
