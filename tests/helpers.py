@@ -13,9 +13,9 @@ WORDS = ["<pad>", "<unk>", "<eos>", "---"] + [str(i) for i in range(10)] + (
 FAMILIES = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "gpt2": GPT2Config}
 
 
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A whitespace word-level tokenizer over ``WORDS``."""
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+def tiny_tokenizer(words: list[str] = WORDS) -> PreTrainedTokenizerFast:
+    """A whitespace word-level tokenizer over ``words`` (default ``WORDS``)."""
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
 

@@ -56,3 +56,17 @@ def test_sampler_benchmark_writes_its_rows(tmp_path):
         assert row["two_level_ms"] > 0 and row["fp32_cdf_ms"] > 0 and row["multinomial_ms"] > 0
         assert row["two_level_undrawable"] == 0 and row["two_level_tv"] < 1e-6  # exact up to fp32 softmax rounding
         assert row["fp32_cdf_undrawable"] > 0  # the old single fp32 CDF cannot reach part of the tail
+
+
+def test_coconut_step_benchmark_times_three_methods(tmp_path):
+    out = tmp_path / "coconut.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "coconut_step.py"), "--model", "tiny", "--device", "cpu", "--steps", "1",
+           "--warmup", "0", "--batch-size", "2", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    assert set(result["times_s"]) == {"coconut", "cot", "official"} and all(t > 0 for t in result["times_s"].values())
+    assert result["loss_check"]["passed"] and result["loss_check"]["relative_diff"] <= 1e-4  # official pattern = CoconutModel
+    assert result["latents"] == 6 and result["batch_size"] == 2 and result["device"].startswith("cpu")
+    assert set(result["ratios"]) == {"coconut/cot", "official/coconut"}
+    assert "| official |" in done.stdout

@@ -24,16 +24,13 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from quietstar.coconut.config import CoconutConfig
+from quietstar.coconut.data import Example
 from quietstar.coconut.markers import BOT, EOT, LATENT, PAUSE
 from quietstar.coconut.model import IGNORE
-
-if TYPE_CHECKING:
-    from quietstar.coconut.data import Example
 
 CURRICULUM_MODES = ("coconut", "no_thought", "pause_as_thought", "no_curriculum")
 

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 LATEST = "latest"
+BEST = "best"  # a recipe that validates (Coconut) points this at its best checkpoint; pruning keeps it
 
 
 def tag(step: int) -> str:
@@ -34,25 +35,26 @@ def _rank_file(directory: Path, rank: int) -> Path:
     return directory / f"rank{rank:05d}_state.pt"
 
 
-def rng_state(generator: torch.Generator) -> dict[str, Any]:
-    """Every RNG the step draws from: the thought sampler's generator, torch's and Python's global ones."""
-    state = {"generator": generator.get_state(), "torch": torch.get_rng_state(), "python": random.getstate()}
+def rng_state(generator: torch.Generator | None = None) -> dict[str, Any]:
+    """Every RNG the step draws from: the recipe's own generator (Quiet-STaR's thought sampler), torch's and Python's global ones."""
+    state = {"generator": generator.get_state() if generator is not None else None, "torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
-    generator.set_state(state["generator"])
+def set_rng_state(state: dict[str, Any], generator: torch.Generator | None = None) -> None:
+    if generator is not None:
+        generator.set_state(state["generator"])
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def latest_tag(root: Path) -> str | None:
-    """The tag ``latest`` points to, or None when there is no complete checkpoint."""
-    pointer = root / LATEST
+def latest_tag(root: Path, pointer_name: str = LATEST) -> str | None:
+    """The tag ``latest`` (or another pointer, e.g. ``best``) points to, or None when there is no complete checkpoint."""
+    pointer = root / pointer_name
     if not pointer.is_file():
         return None
     name = pointer.read_text().strip()
@@ -86,8 +88,17 @@ def _prune(root: Path, keep: int) -> None:
     if keep == 0:
         return
     done = sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".partial"))
+    best = latest_tag(root, BEST)
     for old in done[:-keep]:
-        shutil.rmtree(old)
+        if old.name != best:
+            shutil.rmtree(old)
+
+
+def mark_best(root: Path, name: str) -> None:
+    """Point ``best`` at checkpoint ``name`` (rank 0 only; atomic like ``latest``)."""
+    pointer = root / f"{BEST}.tmp"
+    pointer.write_text(name + "\n")
+    os.replace(pointer, root / BEST)
 
 
 def load(engine, root: Path) -> tuple[int, dict[str, Any]]:

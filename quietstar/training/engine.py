@@ -10,18 +10,20 @@ bottom and calls these in order:
     step, saved = resume_from(engine, ckpt_root, world)          # weights, optimizer, schedule, per-rank state
     log = StepLog(out_dir, start_step, total, rank)              # metrics.jsonl + TensorBoard + progress bar
     ... the recipe's own loop, calling checkpoints.save(...) and log.step(...)
-    export_final(engine, model_class, cfg.model, method, ckpt_root, out_dir, rank)
+    export_final(model_class, cfg.model, method, ckpt_root, out_dir, rank)
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
 import shutil
 import socket
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import deepspeed
 import torch
@@ -30,14 +32,44 @@ from deepspeed.accelerator import get_accelerator
 from tqdm import tqdm
 from transformers import get_scheduler
 
-from quietstar.core.cli_config import ConfigError
+from quietstar.core.cli_config import ConfigError, add_dataclass_arguments, build_config, load_yaml
 from quietstar.core.latent_model import LatentReasoningModel
 from quietstar.core.loading import load_model
 from quietstar.core.offline import resolve_model_path
 from quietstar.core.optim import build_param_groups
 from quietstar.training import checkpoints
 from quietstar.training.run_log import RunLog
-from quietstar.training.train_config import EngineConfig, deepspeed_config
+from quietstar.training.train_config import EngineConfig, check_yaml_keys, deepspeed_config
+
+
+def parse_recipe_args(prog: str, description: str, configs: tuple[type, ...], argv: list[str] | None = None) -> tuple:
+    """A recipe's flags and typed configs: (args, one instance per class of ``configs``, in that order).
+
+    Each field is the class default, then the ``--config`` YAML's value, then the flag's when given.
+    """
+    parser = argparse.ArgumentParser(prog=prog, description=f"{description} Flags override --config, which overrides the defaults.")
+    parser.add_argument("--config", metavar="YAML", help="a YAML mapping of field: value for any of the fields below")
+    parser.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoints/latest")
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    for cls in reversed(configs):  # help lists the train config first
+        add_dataclass_arguments(parser, cls, cls.__name__)
+    args = parser.parse_args(argv)
+    values = load_yaml(args.config)
+    check_yaml_keys(values, configs)
+    return (args, *(build_config(cls, values, args) for cls in configs))
+
+
+def run_recipe(name: str, main: Callable[[], Any]) -> int:
+    """Run a recipe's ``main``: 0 on success; a bad input or config prints ``<name>: error: ...`` and gives 2."""
+    try:
+        main()
+    except (ConfigError, FileNotFoundError, ValueError) as error:
+        print(f"{name}: error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -91,6 +123,20 @@ def initialize(model: LatentReasoningModel, cfg: EngineConfig, ds_config: dict[s
     return engine
 
 
+def reset_optimizer_state(engine) -> None:
+    """Forget AdamW's moments and step counts, as a freshly built optimizer would (same parameters and LR schedule).
+
+    DeepSpeed wraps the torch optimizer (ZeRO partitions, bf16 master weights); the innermost
+    ``torch.optim.Optimizer`` holds the state, and AdamW rebuilds it from zeros at its next step.
+    """
+    inner = engine.optimizer
+    while not isinstance(inner, torch.optim.Optimizer) and hasattr(inner, "optimizer"):
+        inner = inner.optimizer
+    if not isinstance(inner, torch.optim.Optimizer):
+        raise TypeError(f"reset_optimizer_state: no torch optimizer inside {type(engine.optimizer).__name__}")
+    inner.state.clear()
+
+
 def resume_from(engine, ckpt_root: Path, world: int) -> tuple[int, dict[str, Any]]:
     """Load ``latest``: (its step, this rank's saved state). The number of ranks must match the saving run's."""
     step, saved = checkpoints.load(engine, ckpt_root)
@@ -117,10 +163,16 @@ class StepLog:
             self.log.heldout(step, values)
 
     def step(self, record: dict[str, Any], **postfix: str) -> None:
+        """One optimizer step's record; the bar advances and shows ``postfix``."""
         if self.log:
             self.log.step(record)
             self.bar.update(1)
             self.bar.set_postfix(**postfix)
+
+    def event(self, record: dict[str, Any]) -> None:
+        """A record between steps (e.g. a validation), logged under its ``step`` without advancing the bar."""
+        if self.log:
+            self.log.step(record)
 
     def close(self) -> None:
         self.bar.close()
@@ -128,13 +180,14 @@ class StepLog:
             self.log.close()
 
 
-def export_final(engine, model_class: type[LatentReasoningModel], model_name: str, method_config, ckpt_root: Path,
-                 out_dir: Path, rank: int, tag: str | None = None) -> Path:
-    """Write ``<output-dir>/final`` (``model_class.save_pretrained``) from a checkpoint's fp32 weights (default: ``latest``).
+def export_final(model_class: type[LatentReasoningModel], model_name: str, method_config, ckpt_root: Path,
+                 out_dir: Path, rank: int, tag: str | None = None, target: str = "final") -> Path:
+    """Write ``<output-dir>/<target>`` (``model_class.save_pretrained``) from a checkpoint's fp32 weights
+    (default: the ``latest`` checkpoint into ``final/``).
 
-    The weights are gathered from the ZeRO shards of every rank, so this works at any stage.
+    The weights are gathered from the ZeRO shards every rank wrote, so this works at any stage.
     """
-    final = out_dir / "final"
+    final = out_dir / target
     if rank == 0:
         weights = checkpoints.consolidated_state_dict(ckpt_root, tag or checkpoints.latest_tag(ckpt_root))
         model = load_model(model_class, model_name, method_config)
@@ -142,7 +195,7 @@ def export_final(engine, model_class: type[LatentReasoningModel], model_name: st
         tied = {name for name in missing if name == "lm.lm_head.weight" and model.lm.config.tie_word_embeddings}
         if set(missing) - tied or unexpected:
             raise RuntimeError(f"export: checkpoint and model disagree: missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}")
-        staging = out_dir / "final.partial"
+        staging = out_dir / f"{target}.partial"
         shutil.rmtree(staging, ignore_errors=True)
         model.save_pretrained(staging)
         shutil.rmtree(final, ignore_errors=True)

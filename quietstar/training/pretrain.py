@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from transformers import set_seed
 
-from quietstar.core.cli_config import ConfigError, add_dataclass_arguments, build_config, load_yaml
+from quietstar.core.cli_config import ConfigError
 from quietstar.core.loading import load_model
 from quietstar.core.text_data import DataConfig, TokenStream, heldout_batches, load_documents, split_heldout
 from quietstar.evaluation.perplexity import heldout_nll
@@ -44,6 +44,8 @@ from quietstar.quiet_star.diagnostics import gradient_norms
 from quietstar.quiet_star.model import QuietStarModel
 from quietstar.training import checkpoints
 from quietstar.training.engine import (
+    parse_recipe_args,
+    run_recipe,
     StepLog,
     all_ranks_sum,
     export_final,
@@ -54,7 +56,7 @@ from quietstar.training.engine import (
     start_run,
     write_run_config,
 )
-from quietstar.training.train_config import TrainConfig, check_yaml_keys, grad_diagnostics_on, zero_stage
+from quietstar.training.train_config import TrainConfig, grad_diagnostics_on, zero_stage
 
 CONFIGS = (QuietStarConfig, DataConfig, TrainConfig)
 STEP_METRICS = ("loss", "base_nll", "talk_nll", "policy_loss", "reward_mean", "mixing_weight_mean")
@@ -62,26 +64,9 @@ GRAD_METRICS = ("grad_norm_lm", "grad_norm_policy")
 STREAM_COUNTS = ("documents", "skipped_empty", "skipped_short", "skipped_malformed")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m quietstar.training.pretrain",
-        description="Quiet-STaR continued pretraining with DeepSpeed ZeRO. Flags override --config, which overrides the defaults.",
-    )
-    parser.add_argument("--config", metavar="YAML", help="a YAML mapping of field: value for any of the fields below")
-    parser.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoints/latest")
-    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
-    add_dataclass_arguments(parser, TrainConfig, "training (TrainConfig)")
-    add_dataclass_arguments(parser, DataConfig, "data (DataConfig)")
-    add_dataclass_arguments(parser, QuietStarConfig, "method (QuietStarConfig)")
-    return parser
-
-
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, QuietStarConfig, DataConfig, TrainConfig]:
     """The flags and the three configs: defaults, then the --config YAML, then the flags that were given."""
-    args = build_parser().parse_args(argv)
-    values = load_yaml(args.config)
-    check_yaml_keys(values, CONFIGS)
-    return args, build_config(QuietStarConfig, values, args), build_config(DataConfig, values, args), build_config(TrainConfig, values, args)
+    return parse_recipe_args("python -m quietstar.training.pretrain", "Quiet-STaR continued pretraining with DeepSpeed ZeRO.", CONFIGS, argv)
 
 
 def train(args: argparse.Namespace, method: QuietStarConfig, data: DataConfig, cfg: TrainConfig) -> dict:
@@ -182,7 +167,7 @@ def train(args: argparse.Namespace, method: QuietStarConfig, data: DataConfig, c
     if steps_run == 0:  # resumed from the last step's checkpoint: nothing to train
         after = evaluate()
 
-    final = export_final(engine, QuietStarModel, cfg.model, method, ckpt_root, out_dir, rank)
+    final = export_final(QuietStarModel, cfg.model, method, ckpt_root, out_dir, rank)
     summary = {
         "steps": cfg.max_steps,
         "steps_run": steps_run,
@@ -219,16 +204,7 @@ def print_summary(summary: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args, method, data, cfg = parse_args(argv)
-        train(args, method, data, cfg)
-    except (ConfigError, FileNotFoundError, ValueError) as error:
-        print(f"quietstar.training.pretrain: error: {error}", file=sys.stderr)
-        return 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+    return run_recipe("quietstar.training.pretrain", lambda: train(*parse_args(argv)))
 
 
 if __name__ == "__main__":

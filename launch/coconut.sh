@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Coconut training through the DeepSpeed launcher (over `python -m quietstar.training.coconut`).
+#
+#   bash launch/coconut.sh                         # the embedded default: SmolLM2-135M on a generated ProsQA-style set
+#   bash launch/coconut.sh --config launch/configs/coconut_prontoqa.yaml --train-file D/prontoqa_train.jsonl \
+#       --val-file D/prontoqa_valid.jsonl --output-dir runs/prontoqa
+#   bash launch/coconut.sh --config launch/configs/coconut_gsm8k.yaml --mode cot ...      # a baseline: any CoconutConfig.mode
+#
+# Launcher settings (a flag, or the environment variable next to it):
+#   --num-gpus N        NUM_GPUS      processes per node (default: every GPU; 2 on a machine without one)
+#   --hostfile FILE     HOSTFILE      several nodes; DeepSpeed's format, one "hostname slots=N" per line
+#   --master-addr HOST  MASTER_ADDR   the first node's address (several nodes)
+#   --master-port PORT  MASTER_PORT   default: a free port
+#   (DeepSpeed config)  DS_CONFIG     same as the recipe flag --deepspeed FILE
+# Every other argument goes to the recipe: `python -m quietstar.training.coconut --help` lists them.
+# With no recipe arguments, the embedded default runs: launch/configs/coconut_demo.yaml into runs/coconut-demo-<time>.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CALLER=launch/coconut.sh exec bash "$ROOT/launch/deepspeed_recipe.sh" quietstar.training.coconut "$ROOT/launch/configs/coconut_demo.yaml" coconut-demo "$@"
