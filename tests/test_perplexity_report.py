@@ -21,7 +21,6 @@ from quietstar.evaluation.perplexity import (
     difficulty_bins,
     main,
     make_windows,
-    next_token_nlls,
     shuffle_thoughts,
     summary,
 )
@@ -92,9 +91,9 @@ def seeded_forwards(report) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tens
             ids[i, : len(row)], mask[i, : len(row)] = row, 1
         with torch.no_grad():
             result = model(ids, mask, generator=generator)
-            _, talk, valid = next_token_nlls(result)
+            _, talk, valid = result.next_token_nlls()
             moved = shuffle_thoughts(result.thoughts, valid, generator)
-            _, shuffled, _ = next_token_nlls(model(ids, mask, thoughts=moved))
+            _, shuffled, _ = model(ids, mask, thoughts=moved).next_token_nlls()
         out += [(talk[i, : len(row) - 1], result.thoughts[i, : len(row) - 1], shuffled[i, : len(row) - 1]) for i, row in enumerate(batch)]
     return out
 

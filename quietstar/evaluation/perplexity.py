@@ -55,18 +55,6 @@ DIFFICULTY_EDGES = (0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, math.inf)
 SUFFIXES = (".txt", ".jsonl")
 
 
-def next_token_nlls(out):
-    """Per-token next-token NLLs from a ``QuietStarOutput``.
-
-    Returns (base [B, L], talk [B, L], valid [B, L]): the entry at t scores x_{t+1};
-    ``talk`` averages the R thoughts' NLLs; ``valid`` is False where there is no next token.
-    """
-    valid = out.target_mask[..., 0]
-    base = -out.base_logprobs[..., 0]
-    talk = -out.talk_logprobs[..., 0].mean(dim=2)
-    return base.masked_fill(~valid, 0.0), talk.masked_fill(~valid, 0.0), valid
-
-
 def shuffle_thoughts(thoughts: torch.LongTensor, valid: torch.Tensor, generator: torch.Generator | None = None) -> torch.LongTensor:
     """Move the thoughts [B, L, R, M] of every valid position [B, L] to another valid position.
 
@@ -92,9 +80,9 @@ def token_nlls(model, input_ids: torch.LongTensor, attention_mask: torch.Tensor,
     positions (``shuffle_thoughts``).
     """
     out = model(input_ids, attention_mask, generator=generator)
-    base, talk, valid = next_token_nlls(out)
+    base, talk, valid = out.next_token_nlls()
     moved = shuffle_thoughts(out.thoughts, valid, generator)
-    _, shuffled, _ = next_token_nlls(model(input_ids, attention_mask, thoughts=moved))
+    _, shuffled, _ = model(input_ids, attention_mask, thoughts=moved).next_token_nlls()
     return (base, talk, shuffled, valid), out.thoughts
 
 

@@ -15,7 +15,6 @@ import torch
 from quietstar.core.cli_config import add_dataclass_arguments, build_config
 from quietstar.core.loading import load_model
 from quietstar.core.offline import SMOLLM2
-from quietstar.evaluation.perplexity import next_token_nlls
 from quietstar.quiet_star.config import QuietStarConfig
 from quietstar.quiet_star.model import QuietStarModel
 
@@ -56,7 +55,7 @@ def run(args: argparse.Namespace) -> None:
             print(f"{t:>3}  {token:<12} {thought:<52} {nxt:<12} {base:>10.3f} {talk:>10.3f}")
         else:
             print(f"{t:>3}  {token:<12} {thought:<52}")
-    base, talk, valid = next_token_nlls(out)
+    base, talk, valid = out.next_token_nlls()
     base_next, talk_next = base[valid].mean(), talk[valid].mean()
     print(
         f"\nnext-token NLL: base {float(base_next):.3f}, talk {float(talk_next):.3f} (mean over R thoughts); "

@@ -65,6 +65,17 @@ class QuietStarOutput:
     rewards: torch.Tensor
     mixing_weights: torch.Tensor
 
+    def next_token_nlls(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-token next-token NLLs: (base [B, L], talk [B, L], valid [B, L]).
+
+        The entry at t scores x_{t+1}; ``talk`` averages the R thoughts' NLLs; ``valid`` is
+        False where there is no next token (the NLLs are 0 there).
+        """
+        valid = self.target_mask[..., 0]
+        base = -self.base_logprobs[..., 0]
+        talk = -self.talk_logprobs[..., 0].mean(dim=2)
+        return base.masked_fill(~valid, 0.0), talk.masked_fill(~valid, 0.0), valid
+
     def metrics(self) -> dict[str, float]:
         """The scalar fields as Python floats, for logging."""
         names = ("loss", "base_nll", "talk_nll", "policy_loss", "reward_mean", "mixing_weight_mean")
