@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -10,6 +16,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralC
 WORDS = ["<pad>", "<unk>", "<eos>", "---"] + [str(i) for i in range(10)] + (
     "the a sum of is and plus minus times equals x y so then we get half twice number".split()
 )
+ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "gpt2": GPT2Config}
 
 
@@ -195,3 +202,16 @@ def independent_coconut(model, rows: list[tuple[list[int], list[int]]]) -> tuple
                 total = total + F.cross_entropy(logits[t].float(), torch.tensor(labels[t + 1]))
                 count += 1
     return all_logits, total / count
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(command: list[str]) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return result

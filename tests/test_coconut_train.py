@@ -1,4 +1,4 @@
-"""The Coconut recipe end to end: 2-process DeepSpeed runs (ZeRO-2 through launch/coconut.sh, ZeRO-3) across stage
+"""The Coconut recipe end to end: 2-process DeepSpeed runs through launch/coconut.sh (ZeRO-2 and ZeRO-3) across stage
 changes, exact resume mid-epoch and across a stage change, validation, the best checkpoint, and the export."""
 
 from __future__ import annotations
@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import WORDS, tiny_lm, tiny_tokenizer
-from test_train import ROOT, free_port, run
+from helpers import ROOT, WORDS, free_port, run, tiny_lm, tiny_tokenizer
 
 from quietstar.coconut.model import CoconutModel
 from quietstar.core.cli_config import ConfigError
@@ -70,8 +69,8 @@ def launcher(args: list[str]):
 @pytest.fixture(scope="module")
 def runs(fixture_dir) -> dict[int, Path]:
     out = {2: fixture_dir / "zero2", 3: fixture_dir / "zero3"}
-    launch_script(recipe_args(fixture_dir, out[2], zero=2))
-    launcher(recipe_args(fixture_dir, out[3], zero=3))
+    for zero in (2, 3):
+        launch_script(recipe_args(fixture_dir, out[zero], zero=zero))
     return out
 
 

@@ -8,14 +8,13 @@ import math
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import WORDS, tiny_lm, tiny_tokenizer
+from helpers import ROOT, WORDS, free_port, run, tiny_lm, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 from quietstar.core.cli_config import ConfigError
@@ -27,15 +26,8 @@ from quietstar.training.pretrain import CONFIGS, STEP_METRICS, main, parse_args
 from quietstar.training.run_log import RunLog, read_metrics
 from quietstar.training.train_config import DS_CONFIGS, TrainConfig, deepspeed_config, grad_diagnostics_on
 
-ROOT = Path(__file__).resolve().parents[1]
 CONTRACT_FIELDS = ("step", "loss", "base_nll", "talk_nll", "policy_loss", "reward_mean", "mixing_weight_mean", "lr", "tokens_per_s")
 STEPS = 4
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -59,13 +51,6 @@ def recipe_args(root: Path, output_dir: Path, zero: int, max_steps: int = STEPS)
         "--lr", "1e-3", "--warmup-steps", "3", "--heldout-documents", "4", "--eval-batch-size", "4",
         "--eval-every", "2", "--save-every", "2",
     ]
-
-
-def run(command: list[str]) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
-    assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
-    return result
 
 
 def launch_script(args: list[str]) -> subprocess.CompletedProcess:
