@@ -5,20 +5,25 @@ from __future__ import annotations
 import argparse
 import sys
 
+from quietstar.coconut import generate_cli as coconut_generate_cli
 from quietstar.core.cli_config import run_command
+from quietstar.evaluation import coconut as coconut_eval
 from quietstar.evaluation import perplexity, zero_shot as zero_shot_eval
 from quietstar.quiet_star import demo, generate_cli
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="quietstar", description="Quiet-STaR continued pretraining for Hugging Face causal LMs")
+    parser = argparse.ArgumentParser(prog="quietstar", description="Latent-reasoning training for Hugging Face causal LMs: Quiet-STaR and Coconut")
     commands = parser.add_subparsers(dest="command", required=True)
     demo.add_arguments(commands.add_parser("demo", help="show the thought sampled after each token of a sentence"))
     generate_cli.add_arguments(commands.add_parser("generate", help="complete prompts, thinking before each token"))
     zero_shot_eval.add_arguments(commands.add_parser("eval", help="zero-shot GSM8K / CommonsenseQA with and without thoughts"))
     perplexity.add_arguments(commands.add_parser("perplexity", help="per-token base vs. talk NLL report on held-out text"))
+    coconut_generate_cli.add_arguments(commands.add_parser("coconut-generate", help="answer questions with a Coconut model"))
+    coconut_eval.add_arguments(commands.add_parser("coconut-eval", help="GSM8K / ProntoQA / ProsQA accuracy of a Coconut, Quiet-STaR or plain model"))
     args = parser.parse_args(argv)
-    runners = {"demo": demo.run, "generate": generate_cli.run, "eval": zero_shot_eval.run, "perplexity": perplexity.run}
+    runners = {"demo": demo.run, "generate": generate_cli.run, "eval": zero_shot_eval.run, "perplexity": perplexity.run,
+               "coconut-generate": coconut_generate_cli.run, "coconut-eval": coconut_eval.run}
     return run_command(args.command, runners[args.command], args)
 
 

@@ -171,31 +171,35 @@ def independent_losses(model, ids: torch.Tensor, mask: torch.Tensor, thoughts: t
     return out
 
 
-def independent_coconut(model, rows: list[tuple[list[int], list[int]]]) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Coconut by hand, one example and one position at a time, over the plain HF model with ``inputs_embeds``.
+def independent_coconut_logits(model, ids: list[int]) -> torch.Tensor:
+    """Coconut by hand for one unpadded example: logits [T, V], one position at a time, over the plain HF model.
 
-    Each row is (ids with placeholders, labels), unpadded. Position t's input is the token's
-    embedding, a marker vector, or, at a latent, the last hidden state (``hidden_states[-1]``,
-    after the final norm) of a fresh forward over positions 0..t-1. Returns each row's logits
-    [T, V] from a forward over its finished embeddings, and the mean cross-entropy over all
-    rows' labelled targets.
+    Position t's input is the token's embedding, a marker vector, or, at a latent, the last
+    hidden state (``hidden_states[-1]``, after the final norm) of a fresh forward over
+    positions 0..t-1 with ``inputs_embeds``. The logits come from a forward over the finished embeddings.
     """
     from quietstar.coconut.markers import BOT, EOT, LATENT, PAUSE
 
     lm, embedding = model.lm, model.lm.get_input_embeddings()
     markers = {BOT: model.markers.bot, EOT: model.markers.eot, PAUSE: model.markers.pause}
+    inputs = []
+    for token in ids:
+        if token == LATENT:
+            hidden = lm(inputs_embeds=torch.stack(inputs)[None], output_hidden_states=True).hidden_states[-1]
+            inputs.append(hidden[0, -1])
+        elif token < 0:
+            inputs.append(markers[token])
+        else:
+            inputs.append(embedding.weight[token])
+    return lm(inputs_embeds=torch.stack(inputs)[None]).logits[0]
+
+
+def independent_coconut(model, rows: list[tuple[list[int], list[int]]]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Each row's ``independent_coconut_logits`` and the mean cross-entropy over all rows' labelled targets
+    (rows are (ids with placeholders, labels), unpadded)."""
     all_logits, total, count = [], 0.0, 0
     for ids, labels in rows:
-        inputs = []
-        for t, token in enumerate(ids):
-            if token == LATENT:
-                hidden = lm(inputs_embeds=torch.stack(inputs)[None], output_hidden_states=True).hidden_states[-1]
-                inputs.append(hidden[0, -1])
-            elif token < 0:
-                inputs.append(markers[token])
-            else:
-                inputs.append(embedding.weight[token])
-        logits = lm(inputs_embeds=torch.stack(inputs)[None]).logits[0]
+        logits = independent_coconut_logits(model, ids)
         all_logits.append(logits)
         for t in range(len(ids) - 1):
             if labels[t + 1] != -100:

@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     gen = sub.add_parser("generate", help="write N generated items as jsonl")
     gen.add_argument("--n", type=int, required=True, help="number of items")
     gen.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    gen.add_argument("--out", required=True, help="jsonl file to write")
+    gen.add_argument("--out", "--output", dest="out", required=True, help="jsonl file to write")
     gen.add_argument("--set", dest="settings", type=_setting_value, action="append", default=[], metavar="NAME=VALUE",
                      help="a generator setting (see Settings), e.g. --set n_nodes=28; repeatable")
     stats = sub.add_parser("stats", help="print mean nodes, edges, path length, steps and question length per file")

@@ -39,6 +39,7 @@ from datasets.distributed import split_dataset_by_node
 from quietstar.core.cli_config import is_int, require
 
 CHAMP = "champ"
+INVALID_JSON = object()  # what ``json_lines`` yields for a line that is not JSON
 PACKING = ("pack", "crop")
 
 
@@ -131,27 +132,32 @@ def _read_local(paths: list[Path], text_field: str) -> Iterator[dict[str, Any]]:
                 yield {"text": text}
 
 
+def json_lines(path: Path) -> Iterator[tuple[int, Any]]:
+    """Each non-blank line of a jsonl file as (line number, parsed value); ``INVALID_JSON`` for a line that does not parse."""
+    with path.open(errors="replace") as f:
+        for number, line in enumerate(f, start=1):
+            if line.strip():
+                try:
+                    yield number, json.loads(line)
+                except json.JSONDecodeError:
+                    yield number, INVALID_JSON
+
+
 def jsonl_records(path: Path, text_field: str) -> Iterator[tuple[int, str | None, str | None]]:
     """Each non-blank line of a jsonl file as (line number, text, problem).
 
     Exactly one of ``text`` and ``problem`` is None; ``problem`` says why a line has no
     text: "not valid JSON", "not a JSON object" or "no string '<text_field>' field".
     """
-    with path.open(errors="replace") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                yield number, None, "not valid JSON"
-                continue
-            if not isinstance(record, dict):
-                yield number, None, "not a JSON object"
-            elif not isinstance(record.get(text_field), str):
-                yield number, None, f"no string {text_field!r} field"
-            else:
-                yield number, record[text_field], None
+    for number, record in json_lines(path):
+        if record is INVALID_JSON:
+            yield number, None, "not valid JSON"
+        elif not isinstance(record, dict):
+            yield number, None, "not a JSON object"
+        elif not isinstance(record.get(text_field), str):
+            yield number, None, f"no string {text_field!r} field"
+        else:
+            yield number, record[text_field], None
 
 
 def load_documents(config: DataConfig) -> Dataset | IterableDataset:

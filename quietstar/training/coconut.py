@@ -44,7 +44,7 @@ from quietstar.coconut import prosqa
 from quietstar.coconut.config import PROSQA_MINI, CoconutConfig, CoconutDataConfig
 from quietstar.coconut.curriculum import collate, collate_prompts, encode, epoch_stage, example_stage, inference_prompt, layout
 from quietstar.coconut.data import Example, answer_of, answers_match, qa_example, read_examples
-from quietstar.coconut.generation import greedy_generate
+from quietstar.coconut.generation import generate
 from quietstar.coconut.model import CoconutModel
 from quietstar.core.cli_config import ConfigError
 from quietstar.core.loading import load_model
@@ -140,7 +140,7 @@ def validate(model: CoconutModel, examples: list[Example], cfg: CoconutTrainConf
         chunk = examples[start:start + cfg.val_batch_size]
         prompts = [encode(inference_prompt(e.question, method), tokenizer, with_answer=False)[0] for e in chunk]
         batch = {k: v.to(device) for k, v in collate_prompts(prompts, tokenizer.pad_token_id).items()}
-        outputs = greedy_generate(model, batch["input_ids"], batch["attention_mask"], cfg.val_max_new_tokens)
+        outputs = generate(model, batch["input_ids"], batch["attention_mask"], cfg.val_max_new_tokens).tokens
         for example, ids in zip(chunk, outputs):
             correct += answers_match(answer_of(tokenizer.decode(ids, skip_special_tokens=True)), example.answer)
             generated += len(ids)
