@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -70,3 +72,14 @@ def test_coconut_step_benchmark_times_three_methods(tmp_path):
     assert result["latents"] == 6 and result["batch_size"] == 2 and result["device"].startswith("cpu")
     assert set(result["ratios"]) == {"coconut/cot", "official/coconut"}
     assert "| official |" in done.stdout
+
+
+def test_coconut_generation_benchmark_checks_tokens_then_times_both_paths(tmp_path):
+    out = tmp_path / "generation.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "coconut_generation.py"), "--model", "tiny", "--items", "3",
+           "--batch-size", "2", "--new-tokens", "3", "--latents", "2", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr  # the batched cached tokens equal the full re-run's before any timing
+    result = json.loads(out.read_text())
+    assert result["batched_cached_items_per_s"] > 0 and result["batch1_rerun_items_per_s"] > 0
+    assert result["speedup"] == pytest.approx(result["seconds"]["batch1_rerun"] / result["seconds"]["batched_cached"])
