@@ -65,9 +65,9 @@ NAMES = ("Tom", "Anna", "Ben", "Clara", "Dan", "Elsa", "Finn", "Grace", "Hugo", 
          "Leo", "Mia", "Nina", "Owen", "Paul", "Rosa", "Sam", "Tina", "Uma", "Vera", "Will", "Zoe")
 ONSETS = ("b", "bl", "br", "ch", "d", "dr", "f", "fl", "g", "gl", "gr", "h", "j", "k", "kr", "l", "m", "n", "p",
           "pl", "qu", "r", "s", "sh", "sk", "sl", "sn", "st", "t", "th", "tr", "v", "w", "y", "z", "zh")
-VOWELS = ("a", "e", "i", "o", "u", "oo", "ee")
+VOWELS = ("a", "e", "i", "o", "u")
 CODAS = ("", "b", "d", "g", "l", "m", "n", "r", "x")
-ENDINGS = ("pus", "pex", "pin", "bor", "dus", "lix")
+ENDINGS = ("pus",)  # every concept of the real split ends so ("wumpus", "lempus"); it keeps the token counts alike
 MAX_VOCABULARY = 1000  # well below the len(ONSETS) * len(VOWELS) * len(CODAS) * len(ENDINGS) possible words
 
 
@@ -113,7 +113,7 @@ def make_settings(**settings: Any) -> Settings:
 
 
 def make_vocabulary(size: int, rng: random.Random) -> list[str]:
-    """``size`` distinct nonsense words of two syllables (onset + vowel + coda, then an ending), e.g. "glorpus"."""
+    """``size`` distinct nonsense words of two syllables (onset + vowel + coda, then "pus"), e.g. "glorpus"."""
     words: set[str] = set()
     while len(words) < size:
         words.add(rng.choice(ONSETS) + rng.choice(VOWELS) + rng.choice(CODAS) + rng.choice(ENDINGS))
