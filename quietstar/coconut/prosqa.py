@@ -39,8 +39,8 @@ nodes per family, extra people and parent counts; ``p_family1 > p_family0`` repr
 bias towards node 1 as the root (65% of its items).
 
 CLI:
-    python -m quietstar.coconut.prosqa generate --n 1000 --seed 0 --out prosqa_gen.jsonl
-    python -m quietstar.coconut.prosqa stats prosqa_gen.jsonl shared/data/prosqa_valid.jsonl
+    python -m quietstar.coconut.prosqa generate --n 1000 --seed 0 --output prosqa_gen.jsonl [--set n_nodes=12 ...]
+    python -m quietstar.coconut.prosqa stats prosqa_gen.jsonl ../shared/data/prosqa_valid.jsonl [--tokenizer DIR]
 """
 
 from __future__ import annotations
