@@ -51,11 +51,13 @@ class Layout:
 
 
 def epoch_stage(epoch: int, config: CoconutConfig) -> int:
-    """The curriculum stage of an epoch (0-based): ``epoch // epochs_per_stage``; the last stage for ``no_curriculum``."""
+    """The curriculum stage of an epoch (0-based): ``epoch // epochs_per_stage``, at most ``max_latent_stage + 1``
+    (every stage past ``max_latent_stage`` has the same layout, so it is one stage and the optimizer is not reset
+    again); the last stage for ``no_curriculum``."""
     if config.mode == "no_curriculum":
         return config.max_latent_stage + 1
     if config.mode in CURRICULUM_MODES:
-        return epoch // config.epochs_per_stage
+        return min(epoch // config.epochs_per_stage, config.max_latent_stage + 1)
     return 0
 
 
