@@ -5,6 +5,7 @@
 #   bash launch/coconut.sh --config launch/configs/coconut_prontoqa.yaml --train-file D/prontoqa_train.jsonl \
 #       --val-file D/prontoqa_valid.jsonl --output-dir runs/prontoqa
 #   bash launch/coconut.sh --config launch/configs/coconut_gsm8k.yaml --mode cot ...      # a baseline: any CoconutConfig.mode
+#   deepspeed [--num_gpus N] [--hostfile H] launch/coconut.sh [recipe arguments]   # the launcher's own form
 #
 # Launcher settings (a flag, or the environment variable next to it):
 #   --num-gpus N        NUM_GPUS      processes per node (default: every GPU; 2 on a machine without one)
@@ -14,6 +15,8 @@
 #   (DeepSpeed config)  DS_CONFIG     same as the recipe flag --deepspeed FILE
 # Every other argument goes to the recipe: `python -m quietstar.training.coconut --help` lists them.
 # With no recipe arguments, the embedded default runs: launch/configs/coconut_demo.yaml into runs/coconut-demo-<time>.
-set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-CALLER=launch/coconut.sh exec bash "$ROOT/launch/deepspeed_recipe.sh" quietstar.training.coconut "$ROOT/launch/configs/coconut_demo.yaml" coconut-demo "$@"
+#
+# This file is bash and Python at once (quietstar/training/launch_scripts.py says how): bash runs
+# the next line, the DeepSpeed launcher over this file; each rank's Python runs the recipe.
+''''exec bash "$(dirname "${BASH_SOURCE[0]}")/deepspeed_recipe.sh" "${BASH_SOURCE[0]}" "$@" # '''
+from quietstar.training.launch_scripts import run; run(__file__)  # noqa: E702

@@ -4,6 +4,7 @@
 #   bash launch/pretrain.sh                        # the embedded default: SmolLM2-135M on the offline corpus
 #   bash launch/pretrain.sh --config launch/configs/paper.yaml --deepspeed ds_configs/zero3.json
 #   bash launch/pretrain.sh --hostfile hosts --config launch/configs/paper.yaml --output-dir runs/paper
+#   deepspeed [--num_gpus N] [--hostfile H] launch/pretrain.sh [recipe arguments]   # the launcher's own form
 #
 # Launcher settings (a flag, or the environment variable next to it):
 #   --num-gpus N        NUM_GPUS      processes per node (default: every GPU; 2 on a machine without one)
@@ -13,6 +14,8 @@
 #   (DeepSpeed config)  DS_CONFIG     same as the recipe flag --deepspeed FILE
 # Every other argument goes to the recipe: `python -m quietstar.training.pretrain --help` lists them.
 # With no recipe arguments, the embedded default runs: launch/configs/demo.yaml into runs/demo-<time>.
-set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-CALLER=launch/pretrain.sh exec bash "$ROOT/launch/deepspeed_recipe.sh" quietstar.training.pretrain "$ROOT/launch/configs/demo.yaml" demo "$@"
+#
+# This file is bash and Python at once (quietstar/training/launch_scripts.py says how): bash runs
+# the next line, the DeepSpeed launcher over this file; each rank's Python runs the recipe.
+''''exec bash "$(dirname "${BASH_SOURCE[0]}")/deepspeed_recipe.sh" "${BASH_SOURCE[0]}" "$@" # '''
+from quietstar.training.launch_scripts import run; run(__file__)  # noqa: E702

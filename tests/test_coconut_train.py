@@ -63,7 +63,8 @@ def launch_script(args: list[str]):
 
 
 def launcher(args: list[str]):
-    return run(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "--module", "quietstar.training.coconut", *args])
+    """The deepspeed launcher's own form: `deepspeed launch/coconut.sh ...`."""
+    return run(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), str(ROOT / "launch" / "coconut.sh"), *args])
 
 
 @pytest.fixture(scope="module")

@@ -53,22 +53,25 @@ def recipe_args(root: Path, output_dir: Path, zero: int, max_steps: int = STEPS)
     ]
 
 
-def launch_script(args: list[str]) -> subprocess.CompletedProcess:
-    """The user's entry point: launch/pretrain.sh (the deepspeed launcher, 2 processes)."""
-    return run(["bash", str(ROOT / "launch" / "pretrain.sh"), "--num-gpus", "2", "--master-port", str(free_port()), *args])
+def launch_script(args: list[str], hostfile: Path | None = None) -> subprocess.CompletedProcess:
+    """The user's entry point: `bash launch/pretrain.sh` (the deepspeed launcher, 2 processes, or a hostfile's slots)."""
+    procs = ["--hostfile", str(hostfile)] if hostfile else ["--num-gpus", "2"]
+    return run(["bash", str(ROOT / "launch" / "pretrain.sh"), *procs, "--master-port", str(free_port()), *args])
 
 
 def launcher(args: list[str]) -> subprocess.CompletedProcess:
-    """The deepspeed launcher directly, 2 processes."""
-    return run(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "--module", "quietstar.training.pretrain", *args])
+    """The deepspeed launcher's own form over the same script, 2 processes: `deepspeed launch/pretrain.sh ...`."""
+    return run(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), str(ROOT / "launch" / "pretrain.sh"), *args])
 
 
 @pytest.fixture(scope="module")
 def runs(fixture_dir) -> dict[int, Path]:
-    """Uninterrupted 4-step runs at ZeRO-2 (through launch/pretrain.sh) and ZeRO-3 (through deepspeed)."""
+    """Uninterrupted 4-step runs at ZeRO-2 and ZeRO-3, through `bash launch/pretrain.sh` (ZeRO-3: a one-line hostfile)."""
     out = {2: fixture_dir / "zero2", 3: fixture_dir / "zero3"}
     launch_script(recipe_args(fixture_dir, out[2], zero=2))
-    launcher(recipe_args(fixture_dir, out[3], zero=3))  # diagnostics off by default: ZeRO-3 partitions the weights
+    hostfile = fixture_dir / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+    launch_script(recipe_args(fixture_dir, out[3], zero=3), hostfile=hostfile)  # diagnostics off: ZeRO-3 partitions the weights
     return out
 
 
@@ -118,15 +121,30 @@ def test_gradient_diagnostics_are_logged_on_evaluation_steps(runs):
 
 
 def test_zero2_and_zero3_take_the_same_first_step(runs):
+    """Also the hostfile path: the ZeRO-3 run's 2 ranks came from `localhost slots=2`."""
+    assert [json.loads((runs[zero] / "config.json").read_text())["world_size"] for zero in (2, 3)] == [2, 2]
     first = [read_metrics(runs[zero])[0] for zero in (2, 3)]
     for name in STEP_METRICS:
         assert first[0][name] == pytest.approx(first[1][name], rel=1e-5, abs=1e-6), name
 
 
-def test_resume_after_step_k_repeats_the_uninterrupted_steps(runs, fixture_dir):
-    """Stop after step 2, resume to 4: the weights, optimizer, LR warmup, data position and RNG all carry over."""
+@pytest.fixture(scope="module")
+def first_half(fixture_dir) -> Path:
+    """Steps 1-2 of the ZeRO-2 run, through `deepspeed launch/pretrain.sh` (the uninterrupted one went through bash)."""
     out = fixture_dir / "resumed"
     launcher(recipe_args(fixture_dir, out, zero=2, max_steps=2))
+    return out
+
+
+def test_bash_and_deepspeed_forms_of_the_launch_script_take_the_same_first_step(runs, first_half):
+    by_bash, by_deepspeed = read_metrics(runs[2])[0], read_metrics(first_half)[0]
+    for name in (*STEP_METRICS, "lr", "grad_norm"):
+        assert by_deepspeed[name] == pytest.approx(by_bash[name], rel=1e-6, abs=1e-7), name
+
+
+def test_resume_after_step_k_repeats_the_uninterrupted_steps(runs, fixture_dir, first_half):
+    """Stop after step 2, resume to 4: the weights, optimizer, LR warmup, data position and RNG all carry over."""
+    out = first_half
     launcher(recipe_args(fixture_dir, out, zero=2) + ["--resume"])
     resumed, uninterrupted = read_metrics(out), read_metrics(runs[2])
     assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))

@@ -1,0 +1,52 @@
+"""launch/pretrain.sh and launch/coconut.sh are bash and Python at once: `bash launch/X.sh` and `deepspeed launch/X.sh`.
+
+The 2-rank runs through both forms are in test_train.py (the same first step) and test_coconut_train.py.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import ROOT, free_port, run
+
+from quietstar.training.launch_scripts import recipe_arguments, uses_default
+
+SCRIPTS = [ROOT / "launch" / "pretrain.sh", ROOT / "launch" / "coconut.sh"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_each_launch_script_is_valid_python_and_its_help_works_both_ways(script):
+    ast.parse(script.read_text(), filename=str(script))
+    shell = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True)
+    assert shell.returncode == 0 and "deepspeed [--num_gpus N] [--hostfile H]" in shell.stdout
+    python = subprocess.run([sys.executable, str(script), "--local_rank=0", "--help"], capture_output=True, text=True)
+    assert python.returncode == 0 and "--output-dir" in python.stdout and "--resume" in python.stdout
+
+
+def test_the_launchers_local_rank_is_not_a_recipe_argument():
+    assert recipe_arguments(["--local_rank=1", "--max-steps", "3"]) == ["--max-steps", "3"]
+    assert recipe_arguments(["--local_rank", "0"]) == []
+    assert uses_default(["--local_rank=0"]) and uses_default([])
+    assert uses_default(["--local_rank=0", "--deepspeed", "ds_configs/zero3.json"])  # what DS_CONFIG adds
+    assert not uses_default(["--local_rank=0", "--max-steps", "3"])
+
+
+def test_every_rank_agrees_on_the_default_run_directory_when_clocks_differ(tmp_path):
+    """Rank 1's clock runs a second ahead of rank 0's; both ranks still name rank 0's directory."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import os, time\n"
+        "from quietstar.training.launch_scripts import shared_run_dir\n"
+        "if os.environ['RANK'] == '1':\n"
+        "    real = time.strftime\n"
+        "    time.strftime = lambda f, t=None: real(f, time.localtime(time.time() + 1))\n"
+        "print('run dir', os.environ['RANK'], shared_run_dir('demo'), flush=True)\n"
+    )
+    result = run(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), str(probe)])
+    lines = [line.split() for line in result.stdout.splitlines() if line.startswith("run dir")]
+    assert sorted(rank for _, _, rank, _ in lines) == ["0", "1"]
+    assert len({path for *_, path in lines}) == 1 and lines[0][3].startswith("runs/demo-")
