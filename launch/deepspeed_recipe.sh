@@ -64,6 +64,9 @@ if [[ -n "$hostfile" ]]; then
   fi
 fi
 [[ -n "$master_addr" ]] && launcher+=(--master_addr "$master_addr")
+if [[ -z "$master_port" ]]; then
+  master_port="$(python -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')"
+fi
 launcher+=(--master_port "$master_port")
 
 [[ -n "${DS_CONFIG:-}" ]] && recipe=(--deepspeed "$DS_CONFIG" "${recipe[@]}")

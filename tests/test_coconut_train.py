@@ -59,7 +59,8 @@ def recipe_args(root: Path, output_dir: Path, zero: int, epochs: int = EPOCHS) -
 
 
 def launch_script(args: list[str]):
-    return run(["bash", str(ROOT / "launch" / "coconut.sh"), "--num-gpus", "2", "--master-port", str(free_port()), *args])
+    """`bash launch/coconut.sh`, 2 processes; the script picks a free port itself."""
+    return run(["bash", str(ROOT / "launch" / "coconut.sh"), "--num-gpus", "2", *args])
 
 
 def launcher(args: list[str]):
@@ -104,6 +105,12 @@ def test_two_process_run_crosses_every_stage_and_exports(runs, fixture_dir, zero
     assert final.config.c == 2 and final.config.max_latent_stage == 1
     assert (out / "best" / "coconut_config.json").is_file()
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_zero3_loads_the_model_partitioned(runs):
+    whole, parts = (json.loads((runs[zero] / "config.json").read_text())["load"] for zero in (2, 3))
+    assert not whole["partitioned"] and whole["held_per_rank"] == [whole["base_parameters"]] * 2
+    assert parts["partitioned"] and all(held <= 0.55 * parts["base_parameters"] for held in parts["held_per_rank"]), parts
 
 
 def test_zero2_and_zero3_take_the_same_steps(runs):

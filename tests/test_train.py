@@ -120,6 +120,15 @@ def test_gradient_diagnostics_are_logged_on_evaluation_steps(runs):
     assert not any("grad_norm_lm" in record for record in read_metrics(runs[3]))
 
 
+def test_zero3_loads_the_model_partitioned_and_zero2_whole(runs):
+    """After loading (before deepspeed.initialize), a ZeRO-3 rank holds only its shard of the base LM's parameters."""
+    whole, parts = (json.loads((runs[zero] / "config.json").read_text())["load"] for zero in (2, 3))
+    assert not whole["partitioned"] and whole["held_per_rank"] == [whole["base_parameters"]] * 2
+    assert parts["partitioned"] and parts["base_parameters"] == whole["base_parameters"]
+    assert all(held <= 0.55 * parts["base_parameters"] for held in parts["held_per_rank"]), parts
+    assert sum(parts["held_per_rank"]) >= parts["base_parameters"]  # every element is held somewhere (shards are padded)
+
+
 def test_zero2_and_zero3_take_the_same_first_step(runs):
     """Also the hostfile path: the ZeRO-3 run's 2 ranks came from `localhost slots=2`."""
     assert [json.loads((runs[zero] / "config.json").read_text())["world_size"] for zero in (2, 3)] == [2, 2]

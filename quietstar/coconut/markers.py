@@ -23,17 +23,6 @@ BOT, EOT, PAUSE, LATENT = -1, -2, -3, -4
 PLACEHOLDERS = {BOT: "<bot>", EOT: "<eot>", PAUSE: "<pause>", LATENT: "<latent>"}
 
 
-def mean_text_embedding(embedding: nn.Embedding, tokenizer, text: str, field: str) -> torch.Tensor:
-    """The mean input embedding [hidden] of the tokens of ``text``; ``field`` names the config field in errors."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if len(ids) == 0:
-        raise ValueError(f"{field}: {text!r} tokenizes to no tokens")
-    if max(ids) >= embedding.num_embeddings:
-        raise ValueError(f"{field}: {text!r} has token id {max(ids)} outside the model's {embedding.num_embeddings}-row embedding")
-    with torch.no_grad():
-        return embedding.weight[torch.tensor(ids, device=embedding.weight.device)].mean(dim=0)
-
-
 class CoconutMarkers(nn.Module):
     """``<bot>``, ``<eot>`` and ``<pause>``: three learned vectors of shape [hidden], all starting at ``init``."""
 

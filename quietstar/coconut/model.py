@@ -30,8 +30,9 @@ import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
 
 from quietstar.coconut.config import CoconutConfig
-from quietstar.coconut.markers import LATENT, CoconutMarkers, mean_text_embedding
+from quietstar.coconut.markers import LATENT, CoconutMarkers
 from quietstar.core.latent_model import LatentReasoningModel
+from quietstar.core.marker_init import mean_text_embedding
 
 IGNORE = -100  # labels of positions that are not scored
 

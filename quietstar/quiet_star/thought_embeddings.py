@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from quietstar.core.marker_init import mean_text_embedding
+
 
 class ThoughtEmbeddings(nn.Module):
     """``<sot>`` and ``<eot>``, each a learned vector of shape [hidden]."""
@@ -25,17 +27,7 @@ class ThoughtEmbeddings(nn.Module):
     @classmethod
     def from_text(cls, embedding: nn.Embedding, tokenizer, text: str) -> "ThoughtEmbeddings":
         """Initialise both markers to the mean input embedding of the tokens of ``text``."""
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) == 0:
-            raise ValueError(f"QuietStarConfig.marker_init_text: {text!r} tokenizes to no tokens")
-        if max(ids) >= embedding.num_embeddings:
-            raise ValueError(
-                f"QuietStarConfig.marker_init_text: {text!r} has token id {max(ids)} outside the model's "
-                f"{embedding.num_embeddings}-row embedding matrix (tokenizer/model mismatch?)"
-            )
-        with torch.no_grad():
-            init = embedding.weight[torch.tensor(ids, device=embedding.weight.device)].mean(dim=0)
-        return cls(init)
+        return cls(mean_text_embedding(embedding, tokenizer, text, "QuietStarConfig.marker_init_text"))
 
     def forward(self, which: str, batch: int, length: int) -> torch.Tensor:
         """The ``start`` or ``end`` vector broadcast to [batch, length, hidden].

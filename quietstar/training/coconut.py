@@ -47,7 +47,6 @@ from quietstar.coconut.data import Example, answer_of, answers_match, qa_example
 from quietstar.coconut.generation import generate
 from quietstar.coconut.model import CoconutModel
 from quietstar.core.cli_config import ConfigError
-from quietstar.core.loading import load_model
 from quietstar.training import checkpoints
 from quietstar.training.engine import (
     parse_recipe_args,
@@ -58,6 +57,7 @@ from quietstar.training.engine import (
     fetch_base_model,
     init_distributed,
     initialize,
+    load_for_training,
     reset_optimizer_state,
     resume_from,
     start_run,
@@ -158,7 +158,7 @@ def train(args: argparse.Namespace, method: CoconutConfig, data: CoconutDataConf
     # Data first, so that a bad path fails before the model loads.
     train_examples, val_examples, malformed = load_splits(data)
     fetch_base_model(cfg.model)
-    model = load_model(CoconutModel, cfg.model, method)
+    model, load = load_for_training(CoconutModel, cfg.model, method, ds_config)
     if model.tokenizer.pad_token_id is None:
         model.tokenizer.pad_token = model.tokenizer.eos_token
     kept = [e for e in train_examples if longest(e, method, model.tokenizer) <= data.max_tokens]
@@ -183,7 +183,7 @@ def train(args: argparse.Namespace, method: CoconutConfig, data: CoconutDataConf
         checkpoints.set_rng_state(saved["rng"])
     if rank == 0:
         write_run_config(out_dir, {"coconut": method.to_dict(), "data": vars(data), "train": vars(cfg), "deepspeed": ds_config,
-                                   "world_size": world, "train_examples": len(kept), "val_examples": len(val_examples),
+                                   "world_size": world, "load": load, "train_examples": len(kept), "val_examples": len(val_examples),
                                    "skipped_malformed": malformed, "skipped_too_long": too_long})
         print(f"quietstar.training.coconut: {world} rank(s) on {device.type}, ZeRO-{zero_stage(ds_config)}, mode {method.mode}, "
               f"{len(kept)} train / {len(val_examples)} validation examples ({malformed} malformed, {too_long} over "

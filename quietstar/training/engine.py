@@ -5,7 +5,7 @@ bottom and calls these in order:
 
     rank, world, device = init_distributed()
     ds_config = start_run(cfg, resume, device, world)          # no overwrite, the DeepSpeed JSON completed
-    model = load_model(...)                                      # after fetch_base_model()
+    model, load = load_for_training(model_class, name, method, ds_config)   # after fetch_base_model(); ZeRO-3: partitioned
     engine = initialize(model, cfg, ds_config, total_steps)      # AdamW groups + transformers LR schedule
     step, saved = resume_from(engine, ckpt_root, world)          # weights, optimizer, schedule, per-rank state
     log = StepLog(out_dir, start_step, total, rank)              # metrics.jsonl + TensorBoard + progress bar
@@ -31,15 +31,17 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from tqdm import tqdm
 from transformers import get_scheduler
+from transformers.integrations import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
 from quietstar.core.cli_config import ConfigError, add_dataclass_arguments, build_config, load_yaml
 from quietstar.core.latent_model import LatentReasoningModel
 from quietstar.core.loading import load_model
 from quietstar.core.offline import resolve_model_path
 from quietstar.core.optim import build_param_groups
+from quietstar.core.zero3 import parameter_counts
 from quietstar.training import checkpoints
 from quietstar.training.run_log import RunLog
-from quietstar.training.train_config import EngineConfig, check_yaml_keys, deepspeed_config
+from quietstar.training.train_config import EngineConfig, check_yaml_keys, deepspeed_config, zero_stage
 
 
 def parse_recipe_args(prog: str, description: str, configs: tuple[type, ...], argv: list[str] | None = None) -> tuple:
@@ -108,6 +110,41 @@ def fetch_base_model(name: str) -> None:
     if int(os.environ["LOCAL_RANK"]) == 0:
         resolve_model_path(name)
     dist.barrier()
+
+
+def load_for_training(model_class: type[LatentReasoningModel], name: str, method_config,
+                      ds_config: dict[str, Any]) -> tuple[LatentReasoningModel, dict[str, Any]]:
+    """The model to train, and a record of what each rank holds after loading.
+
+    Under ZeRO-3 the base LM is built inside ``deepspeed.zero.Init`` (transformers does so while an
+    ``HfDeepSpeedConfig`` of the completed config is alive): each parameter is partitioned as it is
+    made and only rank 0 reads the checkpoint, so no rank ever holds the whole model. The method's
+    own modules (markers, mixing head) are small; ``deepspeed.initialize`` partitions them.
+    At other stages every rank loads the whole model, as ZeRO-0/1/2 keep it whole anyway.
+    """
+    partitioned = zero_stage(ds_config) == 3
+    if partitioned:
+        left = _auto_fields(ds_config)
+        if left:
+            raise ConfigError(f"TrainConfig.deepspeed: ZeRO-3 loading needs a complete config; still \"auto\": {', '.join(left)}")
+        hf_ds_config = HfDeepSpeedConfig(ds_config)  # transformers holds a weak reference: keep this one until loaded
+        try:
+            model = load_model(model_class, name, method_config)
+        finally:
+            unset_hf_deepspeed_config()  # later loads (the export on rank 0) are whole again
+            del hf_ds_config
+    else:
+        model = load_model(model_class, name, method_config)
+    held, total = parameter_counts(model.lm)
+    per_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(per_rank, held)
+    return model, {"partitioned": partitioned, "base_parameters": total, "held_per_rank": per_rank}
+
+
+def _auto_fields(node: Any, path: str = "") -> list[str]:
+    if isinstance(node, dict):
+        return [name for key, value in node.items() for name in _auto_fields(value, f"{path}.{key}" if path else key)]
+    return [path] if node == "auto" else []
 
 
 def initialize(model: LatentReasoningModel, cfg: EngineConfig, ds_config: dict[str, Any], total_steps: int):

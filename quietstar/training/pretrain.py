@@ -36,7 +36,6 @@ import torch.distributed as dist
 from transformers import set_seed
 
 from quietstar.core.cli_config import ConfigError
-from quietstar.core.loading import load_model
 from quietstar.core.text_data import DataConfig, TokenStream, heldout_batches, load_documents, split_heldout
 from quietstar.evaluation.perplexity import heldout_nll
 from quietstar.quiet_star.config import QuietStarConfig
@@ -52,6 +51,7 @@ from quietstar.training.engine import (
     fetch_base_model,
     init_distributed,
     initialize,
+    load_for_training,
     resume_from,
     start_run,
     write_run_config,
@@ -79,7 +79,7 @@ def train(args: argparse.Namespace, method: QuietStarConfig, data: DataConfig, c
     # Data first, so that a bad path fails before the model loads.
     documents, heldout_texts = split_heldout(load_documents(data), data.heldout_documents)
     fetch_base_model(cfg.model)
-    model = load_model(QuietStarModel, cfg.model, method)
+    model, load = load_for_training(QuietStarModel, cfg.model, method, ds_config)
     stream = TokenStream(documents, model.tokenizer, data, seed=cfg.seed, rank=rank, world_size=world)
     heldout = heldout_batches(heldout_texts, model.tokenizer, data.seq_len, cfg.eval_batch_size)
     if cfg.gradient_checkpointing:
@@ -108,7 +108,7 @@ def train(args: argparse.Namespace, method: QuietStarConfig, data: DataConfig, c
             raise ConfigError(f"--resume: the checkpoint is at step {start_step}, beyond TrainConfig.max_steps = {cfg.max_steps}")
     if rank == 0:
         write_run_config(out_dir, {"quietstar": model.config.to_dict(), "data": vars(data), "train": vars(cfg),
-                                   "deepspeed": ds_config, "world_size": world})
+                                   "deepspeed": ds_config, "world_size": world, "load": load})
         print(f"quietstar.training.pretrain: {world} rank(s) on {device.type}, ZeRO-{zero_stage(ds_config)}, "
               f"{'bf16' if ds_config['bf16']['enabled'] else 'fp32'}, global batch {cfg.micro_batch_size * cfg.grad_accum_steps * world} "
               f"x {data.seq_len} tokens, steps {start_step + 1}..{cfg.max_steps} -> {out_dir}", flush=True)

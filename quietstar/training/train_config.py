@@ -213,8 +213,10 @@ def deepspeed_config(train: EngineConfig, device_type: str, world_size: int) -> 
     _fill(ds, ("optimizer", "params", "lr"), train.lr, "TrainConfig.lr", path)
     _fill(ds, ("optimizer", "params", "weight_decay"), train.weight_decay, "TrainConfig.weight_decay", path)
     _fill(ds, ("bf16", "enabled"), use_bf16(train, device_type), "TrainConfig.precision", path)
-    if device_type == "cpu":
+    offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
+    if device_type == "cpu" and not offload:
         # DeepSpeed's fused Adam would compile a C++ op for the CPU; torch's AdamW is as fast there.
+        # An offloaded optimizer keeps DeepSpeedCPUAdam, as it runs on a GPU machine.
         ds["optimizer"]["params"].setdefault("torch_adam", True)
     ds.setdefault("steps_per_print", 10**9)  # the recipe logs every step itself
     return ds

@@ -1,0 +1,40 @@
+"""Parameters that DeepSpeed ZeRO-3 has partitioned: reading one whole, and counting what a rank holds.
+
+Under ZeRO-3 (and after ``deepspeed.zero.Init``) each parameter's ``.data`` is an empty
+placeholder; the rank's share lives in ``param.ds_tensor`` and the full shape in
+``param.ds_shape``. Code that reads a weight outside a forward (the marker initialisation
+reads rows of the embedding matrix) gathers it first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import deepspeed
+from torch import nn
+
+
+def is_partitioned(param: nn.Parameter) -> bool:
+    return hasattr(param, "ds_id")
+
+
+@contextlib.contextmanager
+def gathered(param: nn.Parameter) -> Iterator[nn.Parameter]:
+    """``param`` with its full data for the duration of the block (read only); a no-op for a whole parameter."""
+    if not is_partitioned(param):
+        yield param
+        return
+    with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+        yield param
+
+
+def parameter_counts(module: nn.Module) -> tuple[int, int]:
+    """(elements this rank holds, elements of the full parameters) over ``module``'s parameters."""
+    held = total = 0
+    for param in module.parameters():
+        if is_partitioned(param):
+            held, total = held + param.ds_tensor.numel(), total + param.ds_numel
+        else:
+            held, total = held + param.numel(), total + param.numel()
+    return held, total
