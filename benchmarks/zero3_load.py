@@ -96,14 +96,14 @@ def worker(model_dir: str, method: str, mode: str, out_dir: str) -> None:
     rank, world, device = init_distributed()
     model_class, method_config = {"quietstar": (QuietStarModel, QuietStarConfig(marker_init_text="---")),
                                   "coconut": (CoconutModel, CoconutConfig(marker_init_text="---"))}[method]
-    cfg = TrainConfig(deepspeed=str(ROOT / "ds_configs" / "zero3.json"), precision="fp32")
+    cfg = TrainConfig(model=model_dir, deepspeed=str(ROOT / "ds_configs" / "zero3.json"), precision="fp32")
     ds_config = deepspeed_config(cfg, device.type, world)
     row = {"method": method, "mode": mode, "rank": rank, "anon_before_load_mb": round(status_mb("RssAnon"), 1)}
     anon = AnonPeak()
     if mode == "whole":
         model = load_model(model_class, model_dir, method_config)
     else:
-        model, _ = load_for_training(model_class, model_dir, method_config, ds_config)
+        model, _ = load_for_training(model_class, cfg, method_config, ds_config)
     row["held_parameters"], row["parameters"] = parameter_counts(model.lm)
     row.update(peak_anon_loaded_mb=round(anon.read(), 1), peak_rss_loaded_mb=round(status_mb("VmHWM"), 1))
     engine = initialize(model, cfg, ds_config, total_steps=1)

@@ -60,10 +60,10 @@ def move_off_init(model, head_scale: float = 0.0):
 
 
 def step_with_grads(model, ids: torch.Tensor, mask: torch.Tensor, thoughts: torch.Tensor):
-    """The model's forward on given thoughts, and every parameter's gradient of its loss; ``.grad`` is left zeroed."""
+    """The model's forward on given thoughts, and every trainable parameter's gradient of its loss; ``.grad`` is left zeroed."""
     out = model(ids, mask, thoughts=thoughts)
     out.loss.backward()
-    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
     return out, grads
 

@@ -29,12 +29,13 @@ def gathered(param: nn.Parameter) -> Iterator[nn.Parameter]:
         yield param
 
 
+def full_numel(param: nn.Parameter) -> int:
+    """The elements of the whole parameter, partitioned or not."""
+    return param.ds_numel if is_partitioned(param) else param.numel()
+
+
 def parameter_counts(module: nn.Module) -> tuple[int, int]:
     """(elements this rank holds, elements of the full parameters) over ``module``'s parameters."""
-    held = total = 0
-    for param in module.parameters():
-        if is_partitioned(param):
-            held, total = held + param.ds_tensor.numel(), total + param.ds_numel
-        else:
-            held, total = held + param.numel(), total + param.numel()
-    return held, total
+    params = list(module.parameters())
+    held = sum(p.ds_tensor.numel() if is_partitioned(p) else p.numel() for p in params)
+    return held, sum(full_numel(p) for p in params)

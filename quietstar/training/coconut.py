@@ -61,6 +61,7 @@ from quietstar.training.engine import (
     reset_optimizer_state,
     resume_from,
     start_run,
+    torch_optimizer,
     write_run_config,
 )
 from quietstar.training.train_config import CoconutTrainConfig, zero_stage
@@ -158,7 +159,7 @@ def train(args: argparse.Namespace, method: CoconutConfig, data: CoconutDataConf
     # Data first, so that a bad path fails before the model loads.
     train_examples, val_examples, malformed = load_splits(data)
     fetch_base_model(cfg.model)
-    model, load = load_for_training(CoconutModel, cfg.model, method, ds_config)
+    model, load = load_for_training(CoconutModel, cfg, method, ds_config)
     if model.tokenizer.pad_token_id is None:
         model.tokenizer.pad_token = model.tokenizer.eos_token
     kept = [e for e in train_examples if longest(e, method, model.tokenizer) <= data.max_tokens]
@@ -183,7 +184,8 @@ def train(args: argparse.Namespace, method: CoconutConfig, data: CoconutDataConf
         checkpoints.set_rng_state(saved["rng"])
     if rank == 0:
         write_run_config(out_dir, {"coconut": method.to_dict(), "data": vars(data), "train": vars(cfg), "deepspeed": ds_config,
-                                   "world_size": world, "load": load, "train_examples": len(kept), "val_examples": len(val_examples),
+                                   "world_size": world, "load": load,
+                                   "optimizer": type(torch_optimizer(engine)).__name__, "train_examples": len(kept), "val_examples": len(val_examples),
                                    "skipped_malformed": malformed, "skipped_too_long": too_long})
         print(f"quietstar.training.coconut: {world} rank(s) on {device.type}, ZeRO-{zero_stage(ds_config)}, mode {method.mode}, "
               f"{len(kept)} train / {len(val_examples)} validation examples ({malformed} malformed, {too_long} over "
@@ -229,8 +231,8 @@ def train(args: argparse.Namespace, method: CoconutConfig, data: CoconutDataConf
     log.close()
     elapsed = time.perf_counter() - started
 
-    final = export_final(CoconutModel, cfg.model, method, ckpt_root, out_dir, rank)
-    best_dir = export_final(CoconutModel, cfg.model, method, ckpt_root, out_dir, rank, tag=best["tag"], target="best")
+    final = export_final(CoconutModel, cfg, method, ckpt_root, out_dir, rank)
+    best_dir = export_final(CoconutModel, cfg, method, ckpt_root, out_dir, rank, tag=best["tag"], target="best")
     summary = {
         "epochs": cfg.num_epochs,
         "steps": step,

@@ -5,12 +5,12 @@ bottom and calls these in order:
 
     rank, world, device = init_distributed()
     ds_config = start_run(cfg, resume, device, world)          # no overwrite, the DeepSpeed JSON completed
-    model, load = load_for_training(model_class, name, method, ds_config)   # after fetch_base_model(); ZeRO-3: partitioned
+    model, load = load_for_training(model_class, cfg, method, ds_config)    # after fetch_base_model(); ZeRO-3: partitioned
     engine = initialize(model, cfg, ds_config, total_steps)      # AdamW groups + transformers LR schedule
     step, saved = resume_from(engine, ckpt_root, world)          # weights, optimizer, schedule, per-rank state
     log = StepLog(out_dir, start_step, total, rank)              # metrics.jsonl + TensorBoard + progress bar
     ... the recipe's own loop, calling checkpoints.save(...) and log.step(...)
-    export_final(model_class, cfg.model, method, ckpt_root, out_dir, rank)
+    export_final(model_class, cfg, method, ckpt_root, out_dir, rank)
 """
 
 from __future__ import annotations
@@ -36,9 +36,10 @@ from transformers.integrations import HfDeepSpeedConfig, unset_hf_deepspeed_conf
 from quietstar.core.cli_config import ConfigError, add_dataclass_arguments, build_config, load_yaml
 from quietstar.core.latent_model import LatentReasoningModel
 from quietstar.core.loading import load_model
+from quietstar.core.lora import add_lora, lora_config
 from quietstar.core.offline import resolve_model_path
 from quietstar.core.optim import build_param_groups
-from quietstar.core.zero3 import parameter_counts
+from quietstar.core.zero3 import full_numel, parameter_counts
 from quietstar.training import checkpoints
 from quietstar.training.run_log import RunLog
 from quietstar.training.train_config import EngineConfig, check_yaml_keys, deepspeed_config, zero_stage
@@ -112,15 +113,16 @@ def fetch_base_model(name: str) -> None:
     dist.barrier()
 
 
-def load_for_training(model_class: type[LatentReasoningModel], name: str, method_config,
+def load_for_training(model_class: type[LatentReasoningModel], cfg: EngineConfig, method_config,
                       ds_config: dict[str, Any]) -> tuple[LatentReasoningModel, dict[str, Any]]:
-    """The model to train, and a record of what each rank holds after loading.
+    """The model to train (``cfg.model`` with ``method_config``), and a record of what each rank holds after loading.
 
     Under ZeRO-3 the base LM is built inside ``deepspeed.zero.Init`` (transformers does so while an
     ``HfDeepSpeedConfig`` of the completed config is alive): each parameter is partitioned as it is
     made and only rank 0 reads the checkpoint, so no rank ever holds the whole model. The method's
     own modules (markers, mixing head) are small; ``deepspeed.initialize`` partitions them.
     At other stages every rank loads the whole model, as ZeRO-0/1/2 keep it whole anyway.
+    With ``cfg.lora_rank`` > 0 the base LM's weights are frozen and LoRA adapters added (``core.lora``).
     """
     partitioned = zero_stage(ds_config) == 3
     if partitioned:
@@ -129,16 +131,25 @@ def load_for_training(model_class: type[LatentReasoningModel], name: str, method
             raise ConfigError(f"TrainConfig.deepspeed: ZeRO-3 loading needs a complete config; still \"auto\": {', '.join(left)}")
         hf_ds_config = HfDeepSpeedConfig(ds_config)  # transformers holds a weak reference: keep this one until loaded
         try:
-            model = load_model(model_class, name, method_config)
+            model = load_model(model_class, cfg.model, method_config)
         finally:
             unset_hf_deepspeed_config()  # later loads (the export on rank 0) are whole again
             del hf_ds_config
     else:
-        model = load_model(model_class, name, method_config)
+        model = load_model(model_class, cfg.model, method_config)
     held, total = parameter_counts(model.lm)
     per_rank = [None] * dist.get_world_size()
     dist.all_gather_object(per_rank, held)
-    return model, {"partitioned": partitioned, "base_parameters": total, "held_per_rank": per_rank}
+    record = {"partitioned": partitioned, "base_parameters": total, "held_per_rank": per_rank, "lora": None}
+    if cfg.lora_rank:
+        add_lora(model.lm, _lora_config(cfg))
+        trainable = sum(full_numel(p) for p in model.lm.parameters() if p.requires_grad)
+        record["lora"] = {"rank": cfg.lora_rank, "adapter_parameters": trainable}
+    return model, record
+
+
+def _lora_config(cfg: EngineConfig):
+    return lora_config(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
 
 
 def _auto_fields(node: Any, path: str = "") -> list[str]:
@@ -160,18 +171,23 @@ def initialize(model: LatentReasoningModel, cfg: EngineConfig, ds_config: dict[s
     return engine
 
 
-def reset_optimizer_state(engine) -> None:
-    """Forget AdamW's moments and step counts, as a freshly built optimizer would (same parameters and LR schedule).
-
-    DeepSpeed wraps the torch optimizer (ZeRO partitions, bf16 master weights); the innermost
-    ``torch.optim.Optimizer`` holds the state, and AdamW rebuilds it from zeros at its next step.
-    """
+def torch_optimizer(engine) -> torch.optim.Optimizer:
+    """The ``torch.optim.Optimizer`` inside DeepSpeed's wrappers (ZeRO partitions, bf16 master weights):
+    ``torch.optim.AdamW``, or ``DeepSpeedCPUAdam`` when the optimizer is offloaded."""
     inner = engine.optimizer
     while not isinstance(inner, torch.optim.Optimizer) and hasattr(inner, "optimizer"):
         inner = inner.optimizer
     if not isinstance(inner, torch.optim.Optimizer):
-        raise TypeError(f"reset_optimizer_state: no torch optimizer inside {type(engine.optimizer).__name__}")
-    inner.state.clear()
+        raise TypeError(f"no torch optimizer inside {type(engine.optimizer).__name__}")
+    return inner
+
+
+def reset_optimizer_state(engine) -> None:
+    """Forget AdamW's moments and step counts, as a freshly built optimizer would (same parameters and LR schedule).
+
+    The innermost optimizer (``torch_optimizer``) holds the state, and AdamW rebuilds it from zeros at its next step.
+    """
+    torch_optimizer(engine).state.clear()
 
 
 def resume_from(engine, ckpt_root: Path, world: int) -> tuple[int, dict[str, Any]]:
@@ -217,23 +233,29 @@ class StepLog:
             self.log.close()
 
 
-def export_final(model_class: type[LatentReasoningModel], model_name: str, method_config, ckpt_root: Path,
+def export_final(model_class: type[LatentReasoningModel], cfg: EngineConfig, method_config, ckpt_root: Path,
                  out_dir: Path, rank: int, tag: str | None = None, target: str = "final") -> Path:
     """Write ``<output-dir>/<target>`` (``model_class.save_pretrained``) from a checkpoint's fp32 weights
     (default: the ``latest`` checkpoint into ``final/``).
 
     The weights are gathered from the ZeRO shards every rank wrote, so this works at any stage.
+    A LoRA run's adapters are saved in ``<target>/adapter`` (peft's format), then merged into the
+    base weights, so the base in ``<target>`` is a stock checkpoint either way.
     """
     final = out_dir / target
     if rank == 0:
         weights = checkpoints.consolidated_state_dict(ckpt_root, tag or checkpoints.latest_tag(ckpt_root))
-        model = load_model(model_class, model_name, method_config)
+        model = load_model(model_class, cfg.model, method_config)
+        adapters = add_lora(model.lm, _lora_config(cfg)) if cfg.lora_rank else None
         missing, unexpected = model.load_state_dict(weights, strict=False)
-        tied = {name for name in missing if name == "lm.lm_head.weight" and model.lm.config.tie_word_embeddings}
+        tied = {name for name in missing if name.endswith("lm_head.weight") and model.lm.config.tie_word_embeddings}
         if set(missing) - tied or unexpected:
             raise RuntimeError(f"export: checkpoint and model disagree: missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}")
         staging = out_dir / f"{target}.partial"
         shutil.rmtree(staging, ignore_errors=True)
+        if adapters is not None:
+            adapters.save_pretrained(staging / "adapter")
+            model.lm = adapters.merge_and_unload()
         model.save_pretrained(staging)
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)

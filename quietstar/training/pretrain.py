@@ -54,6 +54,7 @@ from quietstar.training.engine import (
     load_for_training,
     resume_from,
     start_run,
+    torch_optimizer,
     write_run_config,
 )
 from quietstar.training.train_config import TrainConfig, grad_diagnostics_on, zero_stage
@@ -79,7 +80,7 @@ def train(args: argparse.Namespace, method: QuietStarConfig, data: DataConfig, c
     # Data first, so that a bad path fails before the model loads.
     documents, heldout_texts = split_heldout(load_documents(data), data.heldout_documents)
     fetch_base_model(cfg.model)
-    model, load = load_for_training(QuietStarModel, cfg.model, method, ds_config)
+    model, load = load_for_training(QuietStarModel, cfg, method, ds_config)
     stream = TokenStream(documents, model.tokenizer, data, seed=cfg.seed, rank=rank, world_size=world)
     heldout = heldout_batches(heldout_texts, model.tokenizer, data.seq_len, cfg.eval_batch_size)
     if cfg.gradient_checkpointing:
@@ -108,7 +109,8 @@ def train(args: argparse.Namespace, method: QuietStarConfig, data: DataConfig, c
             raise ConfigError(f"--resume: the checkpoint is at step {start_step}, beyond TrainConfig.max_steps = {cfg.max_steps}")
     if rank == 0:
         write_run_config(out_dir, {"quietstar": model.config.to_dict(), "data": vars(data), "train": vars(cfg),
-                                   "deepspeed": ds_config, "world_size": world, "load": load})
+                                   "deepspeed": ds_config, "world_size": world, "load": load,
+                                   "optimizer": type(torch_optimizer(engine)).__name__})
         print(f"quietstar.training.pretrain: {world} rank(s) on {device.type}, ZeRO-{zero_stage(ds_config)}, "
               f"{'bf16' if ds_config['bf16']['enabled'] else 'fp32'}, global batch {cfg.micro_batch_size * cfg.grad_accum_steps * world} "
               f"x {data.seq_len} tokens, steps {start_step + 1}..{cfg.max_steps} -> {out_dir}", flush=True)
@@ -167,7 +169,7 @@ def train(args: argparse.Namespace, method: QuietStarConfig, data: DataConfig, c
     if steps_run == 0:  # resumed from the last step's checkpoint: nothing to train
         after = evaluate()
 
-    final = export_final(QuietStarModel, cfg.model, method, ckpt_root, out_dir, rank)
+    final = export_final(QuietStarModel, cfg, method, ckpt_root, out_dir, rank)
     summary = {
         "steps": cfg.max_steps,
         "steps_run": steps_run,

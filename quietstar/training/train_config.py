@@ -54,6 +54,14 @@ class EngineConfig:
         save_every: a checkpoint every this many optimizer steps (and at the end); 0
             saves only at the end (and, for Coconut, at each epoch's end).
         keep_checkpoints: how many of the newest checkpoints to keep; 0 keeps all.
+        lora_rank: 0 trains every weight of the base LM; r > 0 freezes them and trains rank-r
+            LoRA adapters (``peft``) instead. The method's own modules train in full either way.
+            ``final/`` then holds the adapters merged into the base weights, and the adapters
+            themselves in ``final/adapter``.
+        lora_alpha: the adapters' scale is lora_alpha / lora_rank.
+        lora_dropout: dropout on the adapters' input.
+        lora_target_modules: ``all-linear`` (every linear layer but the output head) or
+            comma-separated module names, e.g. ``q_proj,v_proj``.
     """
 
     model: str = SMOLLM2
@@ -71,13 +79,17 @@ class EngineConfig:
     gradient_checkpointing: bool = False
     save_every: int = 50
     keep_checkpoints: int = 2
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_target_modules: str = "all-linear"
 
     def __post_init__(self) -> None:
-        for name in ("model", "output_dir", "deepspeed"):
+        for name in ("model", "output_dir", "deepspeed", "lora_target_modules"):
             require(isinstance(getattr(self, name), str) and getattr(self, name).strip() != "", self, name, "must be a non-empty string")
         for name in ("micro_batch_size", "grad_accum_steps"):
             require(is_int(getattr(self, name)) and getattr(self, name) >= 1, self, name, "must be an integer >= 1")
-        for name in ("seed", "warmup_steps", "save_every", "keep_checkpoints"):
+        for name in ("seed", "warmup_steps", "save_every", "keep_checkpoints", "lora_rank"):
             require(is_int(getattr(self, name)) and getattr(self, name) >= 0, self, name, "must be an integer >= 0")
         require(is_number(self.lr) and self.lr > 0, self, "lr", "must be a finite number > 0")
         require(is_number(self.weight_decay) and self.weight_decay >= 0, self, "weight_decay", "must be a finite number >= 0")
@@ -91,6 +103,8 @@ class EngineConfig:
         )
         require(self.precision in PRECISIONS, self, "precision", f"must be one of {', '.join(PRECISIONS)}")
         require(isinstance(self.gradient_checkpointing, bool), self, "gradient_checkpointing", "must be true or false")
+        require(is_number(self.lora_alpha) and self.lora_alpha > 0, self, "lora_alpha", "must be a finite number > 0")
+        require(is_number(self.lora_dropout) and 0 <= self.lora_dropout < 1, self, "lora_dropout", "must be a number in [0, 1)")
 
 
 @dataclass(frozen=True)
