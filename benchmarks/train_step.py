@@ -10,9 +10,13 @@ is forward, backward and an AdamW update; ``step_s`` is the median over
 text (speed does not depend on them). Generation rows compare tokens/s of
 ``quietstar.generation.generate`` with thoughts on and off.
 
+``--lora-ranks 0 16`` adds, for the efficient formulation, rows where the base LM is frozen and
+rank-16 LoRA adapters (``core.lora``, every linear layer) train instead: the LoRA column.
+
 Prints a table and writes a JSON list of rows:
     kind ("train_step" | "generation"), formulation ("efficient" | "oracle"; for
     generation "thoughts" | "no thoughts"), checkpointing (activation checkpointing on),
+    lora_rank (0: every weight trains),
     seq_len, thought_len, n_true, n_thoughts, batch_size, step_s, peak_mem_mb,
     tokens_per_s, tflops, mfu, device, status ("ok" | "skipped: ...").
 """
@@ -41,7 +45,7 @@ MODELS = {  # fixed, randomly initialised Llama configs
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # dense, per GPU
 
 
-def build(device: str, dtype_name: str, formulation: str, thought_len: int, n_true: int, n_thoughts: int):
+def build(device: str, dtype_name: str, formulation: str, thought_len: int, n_true: int, n_thoughts: int, lora_rank: int = 0):
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
@@ -53,6 +57,10 @@ def build(device: str, dtype_name: str, formulation: str, thought_len: int, n_tr
     config = LlamaConfig(max_position_embeddings=4096, **MODELS[kind])
     dtype = getattr(torch, dtype_name)
     lm = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype).to(device)
+    if lora_rank:
+        from quietstar.core.lora import add_lora, lora_config
+
+        add_lora(lm, lora_config(lora_rank, alpha=2.0 * lora_rank, dropout=0.0, target_modules="all-linear"))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"---": 0, "<unk>": 1}, unk_token="<unk>")))
     method = QuietStarConfig(thought_len=thought_len, n_true=n_true, n_thoughts=n_thoughts,
                              formulation="sequential" if formulation == "oracle" else "efficient")
@@ -92,7 +100,8 @@ def run_train_row(spec: dict) -> dict:
     from quietstar import build_param_groups
 
     device = spec["device"]
-    model, cfg = build(device, spec["dtype"], spec["formulation"], spec["thought_len"], spec["n_true"], spec["n_thoughts"])
+    model, cfg = build(device, spec["dtype"], spec["formulation"], spec["thought_len"], spec["n_true"], spec["n_thoughts"],
+                       spec.get("lora_rank", 0))
     model.train()
     if spec["checkpointing"]:
         model.lm.activation_checkpointing_enable()
@@ -202,7 +211,7 @@ def run_row_in_child(spec: dict, timeout: float) -> dict:
 
 
 def label(row: dict) -> str:
-    return row["formulation"] + ("+ckpt" if row.get("checkpointing") else "")
+    return row["formulation"] + ("+ckpt" if row.get("checkpointing") else "") + (f"+lora{row['lora_rank']}" if row.get("lora_rank") else "")
 
 
 def format_table(rows: list[dict]) -> str:
@@ -223,6 +232,14 @@ def ratios(rows: list[dict]) -> list[str]:
     out = []
     for r in rows:
         if r["kind"] != "train_step" or r["formulation"] != "efficient" or r["status"] != "ok":
+            continue
+        if r.get("lora_rank"):
+            full = next((f for f in rows if f["kind"] == "train_step" and f["formulation"] == "efficient" and f["status"] == "ok"
+                         and not f.get("lora_rank") and f["checkpointing"] == r["checkpointing"]
+                         and f["seq_len"] == r["seq_len"] and f["thought_len"] == r["thought_len"]), None)
+            if full:
+                out.append(f"L={r['seq_len']:>4} M={r['thought_len']:>2} {label(r):<15}: /full fine-tuning time "
+                           f"{r['step_s'] / full['step_s']:.2f}, peak memory {r['peak_mem_mb'] / full['peak_mem_mb']:.2f}")
             continue
         oracle = next((o for o in rows if o["kind"] == "train_step" and o["formulation"] == "oracle" and o["status"] == "ok"
                        and o["seq_len"] == r["seq_len"] and o["thought_len"] == r["thought_len"]), None)
@@ -245,6 +262,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--row-timeout", type=float, default=300.0, help="seconds before a row is skipped")
     parser.add_argument("--generation-tokens", type=int, default=32, help="new tokens per generation row; 0 skips them")
+    parser.add_argument("--lora-ranks", type=int, nargs="+", default=[0],
+                        help="LoRA ranks of the efficient rows; 0 trains every weight (e.g. --lora-ranks 0 16)")
     parser.add_argument("--checkpointing-rows", action=argparse.BooleanOptionalAction, default=True,
                         help="also run the efficient step with activation checkpointing at the longest L")
     args = parser.parse_args()
@@ -262,9 +281,10 @@ def main() -> None:
     common = dict(device=device, dtype=grid["dtype"], n_true=grid["n_true"], n_thoughts=grid["n_thoughts"],
                   batch_size=grid["batch_size"], steps=args.steps, warmup=args.warmup)
     # Activation checkpointing (which the oracle cannot use) is measured at the longest L.
-    specs = [dict(common, kind="train_step", formulation=f, checkpointing=ckpt, seq_len=L, thought_len=M)
+    specs = [dict(common, kind="train_step", formulation=f, checkpointing=ckpt, seq_len=L, thought_len=M, lora_rank=rank)
              for L in grid["seq_len"] for M in grid["thought_len"] for f in args.formulations
-             for ckpt in ([False, True] if f == "efficient" and L == max(grid["seq_len"]) and args.checkpointing_rows else [False])]
+             for ckpt in ([False, True] if f == "efficient" and L == max(grid["seq_len"]) and args.checkpointing_rows else [False])
+             for rank in (args.lora_ranks if f == "efficient" else [0])]
     if args.generation_tokens > 0:
         M = grid["thought_len"][len(grid["thought_len"]) // 2]
         specs += [dict(common, kind="generation", formulation="", checkpointing=False, seq_len=grid["seq_len"][0],

@@ -1,6 +1,7 @@
 """The benchmark command runs and writes rows with the documented fields (tiny sizes; timings are not checked)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,12 +14,15 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_train_step_benchmark_writes_its_rows(tmp_path):
     out = tmp_path / "rows.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--device", "cpu", "--seq-lens", "16",
-           "--thought-lens", "2", "--steps", "1", "--warmup", "0", "--generation-tokens", "2", "--json", str(out)]
+           "--thought-lens", "2", "--steps", "1", "--warmup", "0", "--generation-tokens", "2", "--lora-ranks", "0", "4",
+           "--json", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     rows = json.loads(out.read_text())
     train = [r for r in rows if r["kind"] == "train_step"]
-    assert {(r["formulation"], r["checkpointing"]) for r in train} == {("efficient", False), ("efficient", True), ("oracle", False)}
+    assert {(r["formulation"], r["checkpointing"], r["lora_rank"]) for r in train} == {
+        ("efficient", False, 0), ("efficient", True, 0), ("efficient", False, 4), ("efficient", True, 4), ("oracle", False, 0)}
+    assert "/full fine-tuning time" in done.stdout
     for row in train:
         assert row["status"] == "ok"
         assert row["seq_len"] == 16 and row["thought_len"] == 2 and row["device"].startswith("cpu")
@@ -83,3 +87,17 @@ def test_coconut_generation_benchmark_checks_tokens_then_times_both_paths(tmp_pa
     result = json.loads(out.read_text())
     assert result["batched_cached_items_per_s"] > 0 and result["batch1_rerun_items_per_s"] > 0
     assert result["speedup"] == pytest.approx(result["seconds"]["batch1_rerun"] / result["seconds"]["batched_cached"])
+
+
+def test_zero3_load_benchmark_reports_each_ranks_memory(tmp_path):
+    out = tmp_path / "load.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "zero3_load.py"), "--layers", "1", "--hidden", "32", "--intermediate", "64",
+           "--heads", "4", "--vocab", "256", "--methods", "coconut", "--json", str(out)]
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr
+    rows = {row["mode"]: row for row in json.loads(out.read_text())["rows"]}
+    whole, parts = rows["whole"]["ranks"], rows["partitioned"]["ranks"]
+    assert [r["held_parameters"] for r in whole] == [r["parameters"] for r in whole]
+    assert all(r["held_parameters"] < r["parameters"] for r in parts)
+    assert all(r["peak_anon_initialized_mb"] > 0 for r in whole + parts)

@@ -110,7 +110,7 @@ def test_an_optimizer_step_moves_only_the_adapters_and_the_methods_own_modules(m
 
 
 def test_a_lora_recipe_run_exports_merged_weights_and_the_adapters(tmp_path):
-    """2 ranks, ZeRO-2, Coconut with LoRA on a tiny Llama: final/ is a stock checkpoint equal to base + merged adapters."""
+    """2 ranks, ZeRO-3 (adapters on a partitioned base), Coconut with LoRA on a tiny Llama: final/ is a stock checkpoint equal to base + merged adapters."""
     tiny_lm("llama").save_pretrained(tmp_path / "model")
     tiny_tokenizer().save_pretrained(tmp_path / "model")
     rng = random.Random(0)
@@ -122,7 +122,7 @@ def test_a_lora_recipe_run_exports_merged_weights_and_the_adapters(tmp_path):
     out = tmp_path / "run"
     run(["bash", str(ROOT / "launch" / "coconut.sh"), "--num-gpus", "2", "--master-port", str(free_port()),
          "--model", str(tmp_path / "model"), "--train-file", str(tmp_path / "train.jsonl"), "--val-file", str(tmp_path / "val.jsonl"),
-         "--output-dir", str(out), "--deepspeed", str(DS_CONFIGS / "zero2.json"), "--num-epochs", "2", "--max-latent-stage", "1",
+         "--output-dir", str(out), "--deepspeed", str(DS_CONFIGS / "zero3.json"), "--num-epochs", "2", "--max-latent-stage", "1",
          "--epochs-per-stage", "1", "--marker-init-text=---", "--micro-batch-size", "2", "--grad-accum-steps", "1",
          "--lr", "1e-2", "--val-max-new-tokens", "4", "--lora-rank", "4", "--lora-alpha", "8"])
     load = json.loads((out / "config.json").read_text())["load"]

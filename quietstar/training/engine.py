@@ -75,9 +75,23 @@ def run_recipe(name: str, main: Callable[[], Any]) -> int:
     return 0
 
 
+MPI_WORLD_SIZES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS")  # mpirun (OpenMPI, MPICH), srun
+
+
 def init_distributed() -> tuple[int, int, torch.device]:
-    """Join the process group set up by the launcher, or make a one-process group: (rank, world size, device)."""
-    if "RANK" not in os.environ:
+    """Join the process group set up by the launcher, or make a one-process group: (rank, world size, device).
+
+    The DeepSpeed launcher (local or pdsh) sets ``RANK`` and the rest. Its ``openmpi`` and ``slurm``
+    launchers start the processes through ``mpirun``/``srun``, and DeepSpeed reads the ranks from MPI
+    (``mpi4py``). With neither, this process is a run of its own.
+    """
+    by_mpi = any(int(os.environ.get(name, "1")) > 1 for name in MPI_WORLD_SIZES)
+    if by_mpi and "RANK" not in os.environ:
+        try:
+            import mpi4py  # noqa: F401  (DeepSpeed's MPI discovery needs it)
+        except ImportError:
+            raise ConfigError("started by mpirun/srun, but mpi4py is not installed: pip install mpi4py") from None
+    elif "RANK" not in os.environ:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
