@@ -6,6 +6,7 @@ The 2-rank runs through both forms are in test_train.py (the same first step) an
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,8 @@ from pathlib import Path
 import pytest
 from helpers import ROOT, free_port, run
 
+from quietstar.core.cli_config import ConfigError
+from quietstar.training import engine
 from quietstar.training.launch_scripts import recipe_arguments, uses_default
 
 SCRIPTS = [ROOT / "launch" / "pretrain.sh", ROOT / "launch" / "coconut.sh"]
@@ -50,3 +53,13 @@ def test_every_rank_agrees_on_the_default_run_directory_when_clocks_differ(tmp_p
     lines = [line.split() for line in result.stdout.splitlines() if line.startswith("run dir")]
     assert sorted(rank for _, _, rank, _ in lines) == ["0", "1"]
     assert len({path for *_, path in lines}) == 1 and lines[0][3].startswith("runs/demo-")
+
+
+def test_ranks_started_by_mpirun_or_srun_are_not_taken_for_a_run_of_their_own(monkeypatch):
+    """DeepSpeed's openmpi/slurm launchers leave RANK unset; the ranks come from MPI, which needs mpi4py."""
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    monkeypatch.setitem(sys.modules, "mpi4py", None)  # as if not installed
+    with pytest.raises(ConfigError, match="mpirun/srun.*pip install mpi4py"):
+        engine.init_distributed()
+    assert "RANK" not in os.environ  # no one-process group was made up
