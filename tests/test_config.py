@@ -80,3 +80,11 @@ def test_yaml_errors_are_one_line(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_yaml(tmp_path / "list.yaml")
+    (tmp_path / "broken.yaml").write_text("lr: 1e-5\nseq_len: [64\nmodel: x\n")
+    with pytest.raises(ConfigError) as error:
+        load_yaml(tmp_path / "broken.yaml")
+    assert str(error.value).startswith(f"{tmp_path / 'broken.yaml'}:3:") and "not valid YAML" in str(error.value)
+    assert "\n" not in str(error.value)
+    (tmp_path / "latin1.yaml").write_bytes("model: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="latin1.yaml: not valid YAML"):
+        load_yaml(tmp_path / "latin1.yaml")

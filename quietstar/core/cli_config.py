@@ -64,13 +64,20 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, title: s
 
 
 def load_yaml(path: str | Path | None) -> dict[str, Any]:
-    """Read a YAML mapping; a missing file or a non-mapping fails with a one-line error."""
+    """Read a YAML mapping; a missing file, bad YAML (named by line and column) or a non-mapping fails in one line."""
     if path is None:
         return {}
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: not valid YAML: {error.problem or error.context}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: not valid YAML: {str(error).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of field: value, got {type(data).__name__}")
     return data
