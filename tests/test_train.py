@@ -129,6 +129,16 @@ def test_zero3_loads_the_model_partitioned_and_zero2_whole(runs):
     assert sum(parts["held_per_rank"]) >= parts["base_parameters"]  # every element is held somewhere (shards are padded)
 
 
+def test_runs_leave_no_shared_memory_buffers_behind(fixture_dir):
+    """DeepSpeed's CPU all-reduce buffers (/dev/shm) are removed when a recipe ends."""
+    port = free_port()
+    out = fixture_dir / "shm"
+    run(["deepspeed", "--num_gpus", "2", "--master_port", str(port), str(ROOT / "launch" / "pretrain.sh"),
+         *recipe_args(fixture_dir, out, zero=2, max_steps=1)])
+    assert (out / "final").is_dir()
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+
+
 def test_zero2_and_zero3_take_the_same_first_step(runs):
     """Also the hostfile path: the ZeRO-3 run's 2 ranks came from `localhost slots=2`."""
     assert [json.loads((runs[zero] / "config.json").read_text())["world_size"] for zero in (2, 3)] == [2, 2]
