@@ -6,13 +6,16 @@ The 2-rank runs through both forms are in test_train.py (the same first step) an
 from __future__ import annotations
 
 import ast
+import json
 import os
+import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, free_port, run
+from helpers import ROOT, WORDS, free_port, run, tiny_lm, tiny_tokenizer
 
 from quietstar.core.cli_config import ConfigError
 from quietstar.training import engine
@@ -63,3 +66,42 @@ def test_ranks_started_by_mpirun_or_srun_are_not_taken_for_a_run_of_their_own(mo
     with pytest.raises(ConfigError, match="mpirun/srun.*pip install mpi4py"):
         engine.init_distributed()
     assert "RANK" not in os.environ  # no one-process group was made up
+
+
+def ssh_to_localhost() -> bool:
+    probe = ["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o", "ConnectTimeout=3", "localhost", "true"]
+    return shutil.which("ssh") is not None and subprocess.run(probe, capture_output=True).returncode == 0
+
+
+def mpi_ready() -> bool:
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        return False
+    return shutil.which("mpirun") is not None
+
+
+@pytest.mark.parametrize("launcher", ["pdsh", "openmpi"])
+def test_deepspeeds_multi_node_launchers_run_the_script_on_one_host(launcher, tmp_path, monkeypatch):
+    """DeepSpeed's pdsh and OpenMPI launchers (forced to their multi-node path on a one-host hostfile) run 2 ranks.
+
+    Skipped where the launcher's tools are missing (CI has neither)."""
+    if launcher == "pdsh" and not (shutil.which("pdsh") and ssh_to_localhost()):
+        pytest.skip("needs pdsh and passwordless ssh to localhost")
+    if launcher == "openmpi" and not mpi_ready():
+        pytest.skip("needs mpirun and mpi4py")
+    tiny_lm("llama").save_pretrained(tmp_path / "model")
+    tiny_tokenizer().save_pretrained(tmp_path / "model")
+    rng = random.Random(0)
+    (tmp_path / "text.jsonl").write_text("".join(
+        json.dumps({"text": " ".join(rng.choice(WORDS[3:]) for _ in range(30))}) + "\n" for _ in range(20)))
+    (tmp_path / "hosts").write_text("localhost slots=2\n")
+    monkeypatch.setenv("OMPI_ALLOW_RUN_AS_ROOT", "1")  # mpirun refuses root otherwise (containers)
+    monkeypatch.setenv("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    out = tmp_path / "run"
+    run(["deepspeed", "--launcher", launcher, "--hostfile", str(tmp_path / "hosts"), "--force_multi", "--master_addr", "127.0.0.1",
+         "--master_port", str(free_port()), str(ROOT / "launch" / "pretrain.sh"), "--model", str(tmp_path / "model"),
+         "--dataset", str(tmp_path / "text.jsonl"), "--output-dir", str(out), "--max-steps", "1", "--seq-len", "16",
+         "--thought-len", "2", "--n-true", "2", "--micro-batch-size", "1", "--grad-accum-steps", "1", "--heldout-documents", "2"])
+    assert json.loads((out / "config.json").read_text())["world_size"] == 2
+    assert (out / "final").is_dir()
