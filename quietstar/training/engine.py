@@ -78,7 +78,7 @@ def run_recipe(name: str, main: Callable[[], Any]) -> int:
 
 def release_shared_memory() -> None:
     """Remove this rank's ``/dev/shm`` all-reduce buffer, which DeepSpeed's CPU communication op creates and never
-    unlinks (134 MB per rank per run, held in RAM until the machine restarts). Every rank maps the others' buffers
+    unlinks (67 MB per rank per run, held in RAM until the machine restarts). Every rank maps the others' buffers
     at start-up, so removing the names at the end is safe; a rank's own mapping goes with its process."""
     names = ("MASTER_ADDR", "MASTER_PORT", "RANK")
     if all(name in os.environ for name in names):
