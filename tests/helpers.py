@@ -68,6 +68,19 @@ def step_with_grads(model, ids: torch.Tensor, mask: torch.Tensor, thoughts: torc
     return out, grads
 
 
+def assert_step_matches_oracle(model, ids: torch.Tensor, mask: torch.Tensor, thoughts: torch.Tensor, atol: float = 2e-5):
+    """The model's losses and every trainable parameter's gradient equal ``independent_losses``'s; returns the output."""
+    out, grads = step_with_grads(model, ids, mask, thoughts)
+    ref = independent_losses(model, ids, mask, thoughts)
+    ref["loss"].backward()
+    for name in ("loss", "base_nll", "talk_nll", "policy_loss"):
+        torch.testing.assert_close(getattr(out, name), ref[name].detach(), atol=atol, rtol=1e-5, msg=name)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(grads[name], p.grad, atol=atol, rtol=1e-4, msg=name)
+    return out
+
+
 def padded_batch(seed: int = 0, lengths=(8, 5), vocab: int = len(WORDS)):
     """Random right-padded ids [B, L] and attention mask [B, L]."""
     g = torch.Generator().manual_seed(seed)

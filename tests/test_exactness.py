@@ -3,12 +3,11 @@
 import pytest
 import torch
 from helpers import (
+    assert_step_matches_oracle,
     independent_greedy_thought,
-    independent_losses,
     independent_thought_pass,
     move_off_init,
     padded_batch,
-    step_with_grads,
     tiny_lm,
     tiny_tokenizer,
 )
@@ -73,12 +72,6 @@ def test_losses_and_gradients_match_independent_computation(family, positive_onl
     ids, mask = padded_batch(seed=5, lengths=(6, 4))
     thoughts = model.sample_thoughts(ids, mask, generator=torch.Generator().manual_seed(1))
 
-    out, grads = step_with_grads(model, ids, mask, thoughts)
-    ref = independent_losses(model, ids, mask, thoughts)
-    ref["loss"].backward()
-
+    out = assert_step_matches_oracle(model, ids, mask, thoughts, atol=ATOL)
     assert out.policy_loss.abs() > 1e-4  # the comparison is not vacuous
-    for name in ("loss", "base_nll", "talk_nll", "policy_loss"):
-        torch.testing.assert_close(getattr(out, name), ref[name].detach(), atol=ATOL, rtol=1e-5, msg=name)
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(grads[name], p.grad, atol=ATOL, rtol=1e-4, msg=name)
+    assert all(p.grad is not None for p in model.parameters())  # every parameter was compared

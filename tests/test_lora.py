@@ -11,13 +11,12 @@ import torch
 from helpers import (
     ROOT,
     WORDS,
+    assert_step_matches_oracle,
     free_port,
     independent_coconut,
-    independent_losses,
     move_off_init,
     padded_batch,
     run,
-    step_with_grads,
     tiny_lm,
     tiny_tokenizer,
 )
@@ -57,16 +56,10 @@ def test_quiet_star_losses_and_gradients_match_the_oracle_on_a_lora_base(family)
     ids, mask = padded_batch(seed=5, lengths=(6, 4))
     thoughts = model.sample_thoughts(ids, mask, generator=torch.Generator().manual_seed(1))
 
-    out, grads = step_with_grads(model, ids, mask, thoughts)
-    ref = independent_losses(model, ids, mask, thoughts)
-    ref["loss"].backward()
-    for name in ("loss", "base_nll", "talk_nll", "policy_loss"):
-        torch.testing.assert_close(getattr(out, name), ref[name].detach(), atol=ATOL, rtol=1e-5, msg=name)
+    out = assert_step_matches_oracle(model, ids, mask, thoughts, atol=ATOL)
+    assert out.policy_loss.abs() > 1e-4  # the comparison is not vacuous
     trained = {name for name, p in model.named_parameters() if p.requires_grad}
     assert any("lora_A" in name for name in trained) and not any("base_layer" in name for name in trained)
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            torch.testing.assert_close(grads[name], p.grad, atol=ATOL, rtol=1e-4, msg=name)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])

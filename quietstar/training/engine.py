@@ -150,18 +150,15 @@ def load_for_training(model_class: type[LatentReasoningModel], cfg: EngineConfig
     With ``cfg.lora_rank`` > 0 the base LM's weights are frozen and LoRA adapters added (``core.lora``).
     """
     partitioned = zero_stage(ds_config) == 3
-    if partitioned:
-        left = _auto_fields(ds_config)
-        if left:
-            raise ConfigError(f"TrainConfig.deepspeed: ZeRO-3 loading needs a complete config; still \"auto\": {', '.join(left)}")
-        hf_ds_config = HfDeepSpeedConfig(ds_config)  # transformers holds a weak reference: keep this one until loaded
-        try:
-            model = load_model(model_class, cfg.model, method_config)
-        finally:
-            unset_hf_deepspeed_config()  # later loads (the export on rank 0) are whole again
-            del hf_ds_config
-    else:
+    left = _auto_fields(ds_config) if partitioned else []
+    if left:
+        raise ConfigError(f"TrainConfig.deepspeed: ZeRO-3 loading needs a complete config; still \"auto\": {', '.join(left)}")
+    hf_ds_config = HfDeepSpeedConfig(ds_config) if partitioned else None  # transformers keeps only a weak reference
+    try:
         model = load_model(model_class, cfg.model, method_config)
+    finally:
+        if hf_ds_config is not None:
+            unset_hf_deepspeed_config()  # later loads (the export on rank 0) are whole again
     held, total = parameter_counts(model.lm)
     per_rank = [None] * dist.get_world_size()
     dist.all_gather_object(per_rank, held)
@@ -273,7 +270,7 @@ def export_final(model_class: type[LatentReasoningModel], cfg: EngineConfig, met
         model = load_model(model_class, cfg.model, method_config)
         adapters = add_lora(model.lm, _lora_config(cfg)) if cfg.lora_rank else None
         missing, unexpected = model.load_state_dict(weights, strict=False)
-        tied = {name for name in missing if name.endswith("lm_head.weight") and model.lm.config.tie_word_embeddings}
+        tied = {name for name in missing if name == "lm.lm_head.weight" and model.lm.config.tie_word_embeddings}
         if set(missing) - tied or unexpected:
             raise RuntimeError(f"export: checkpoint and model disagree: missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}")
         staging = out_dir / f"{target}.partial"
