@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="ratios need both")
     parser.add_argument("--json", type=Path, help="write the rows here")
     parser.add_argument("--worker", nargs=4, metavar=("MODEL_DIR", "METHOD", "MODE", "OUT_DIR"), help=argparse.SUPPRESS)
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"random Llama: {parameters / 1e6:.1f}M parameters ({parameters * 4 / 2**30:.2f} GiB fp32), {args.ranks} ranks, ZeRO-3")
         env = dict(os.environ, OMP_NUM_THREADS="1")
         for method in args.methods:
-            for mode in MODES:
+            for mode in args.modes:
                 out_dir = Path(tmp) / f"{method}-{mode}"
                 out_dir.mkdir()
                 command = ["deepspeed", "--num_gpus", str(args.ranks), "--master_port", str(free_port()), __file__,
@@ -158,12 +159,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
           "initialize | parameters held per rank after loading | anon loaded / whole | anon initialized / whole |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
-        whole = next(r for r in rows if r["method"] == row["method"] and r["mode"] == "whole")
+        whole = next((r for r in rows if r["method"] == row["method"] and r["mode"] == "whole"), None)
         held = ", ".join(f"{r['held_parameters'] / 1e6:.2f}M" for r in row["ranks"])
+        ratios = [f"{row[k] / whole[k]:.2f}" if whole else "" for k in ("max_peak_anon_loaded_mb", "max_peak_anon_initialized_mb")]
         print(f"| {row['method']} | {row['mode']} | {row['max_peak_anon_loaded_mb']:.0f} | {row['max_peak_anon_initialized_mb']:.0f} | "
-              f"{row['max_peak_rss_initialized_mb']:.0f} | {held} | "
-              f"{row['max_peak_anon_loaded_mb'] / whole['max_peak_anon_loaded_mb']:.2f} | "
-              f"{row['max_peak_anon_initialized_mb'] / whole['max_peak_anon_initialized_mb']:.2f} |")
+              f"{row['max_peak_rss_initialized_mb']:.0f} | {held} | {ratios[0]} | {ratios[1]} |")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"parameters": parameters, "ranks": args.ranks, "rows": rows}, indent=2) + "\n")

@@ -27,6 +27,20 @@ def tiny_tokenizer(words: list[str] = WORDS) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
 
 
+def training_fixture(root: Path) -> Path:
+    """``root/model`` (a tiny random Llama saved as a plain HF dir) and ``root/text.jsonl`` (80 random documents)."""
+    import json
+    import random
+
+    tiny_lm("llama").save_pretrained(root / "model")
+    tiny_tokenizer().save_pretrained(root / "model")
+    rng = random.Random(0)
+    with (root / "text.jsonl").open("w") as f:
+        for _ in range(80):
+            f.write(json.dumps({"text": " ".join(rng.choice(WORDS[3:]) for _ in range(rng.randint(10, 50)))}) + "\n")
+    return root
+
+
 def tiny_lm(family: str = "llama", seed: int = 0, attn: str = "sdpa", **overrides):
     """A random 2-layer model of the given family, fp32, vocabulary = ``WORDS``."""
     torch.manual_seed(seed)

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -168,3 +172,49 @@ def test_named_configs_parse_with_the_paper_settings():
     assert settings["gsm8k"] == (2, 3, 3, 25)
     assert settings["prontoqa"] == settings["prosqa"] == (1, 6, 5, 50)
     assert settings["demo"][3] > settings["demo"][1] * settings["demo"][2]  # the demo reaches the last stage
+
+
+@pytest.fixture
+def one_process_group(monkeypatch):
+    env = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+
+
+def test_nan_losses_are_skipped_then_stop_the_run(tmp_path, fixture_dir, one_process_group, capsys):
+    out = tmp_path / "nan"
+    assert main(recipe_args(fixture_dir, out, zero=2) + ["--lr", "1e12", "--max-bad-steps", "2"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
+    assert len(errors) == 1 and "optimizer steps in a row had a non-finite loss, grad norm" in errors[0], errors
+    records = read_metrics(out)
+    assert [r["update_skipped"] for r in records] == [False, True, True]
+    assert not (out / "final").exists()
+
+
+def test_sigusr1_saves_mid_epoch_and_resume_repeats_the_uninterrupted_run(tmp_path, fixture_dir, one_process_group, capsys):
+    """SIGUSR1 (SLURM's --signal) arrives during step 2 of an epoch of 6 steps; the run saves after that step and exits 0."""
+    args = lambda out: recipe_args(fixture_dir, out, zero=2, epochs=1) + ["--save-every", "0"]  # noqa: E731
+    assert main(args(tmp_path / "whole")) == 0
+
+    out = tmp_path / "preempted"
+    sent = threading.Event()
+
+    def signal_during_step_two() -> None:
+        while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text():
+            time.sleep(0.005)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        sent.set()
+
+    threading.Thread(target=signal_during_step_two, daemon=True).start()
+    assert main(args(out)) == 0 and sent.is_set()
+    assert "stopped by SIGUSR1 after step" in capsys.readouterr().err
+    stopped = read_metrics(out)[-1]["step"]
+    assert 2 <= stopped < 6 and checkpoints.latest_tag(out / "checkpoints") == checkpoints.tag(stopped)
+    assert not (out / "final").exists()
+    assert main(args(out) + ["--resume"]) == 0
+    resumed, whole = read_metrics(out), read_metrics(tmp_path / "whole")
+    assert [r["step"] for r in resumed] == [r["step"] for r in whole]
+    for a, b in zip(resumed, whole):
+        assert a.keys() == b.keys()
+        for name in {"loss", "lr", "grad_norm", "val_accuracy"} & a.keys():
+            assert a[name] == pytest.approx(b[name], rel=0, abs=1e-6), (a["step"], name)

@@ -123,7 +123,7 @@ def test_missing_files_and_bad_config_fail_with_one_line(tmp_path):
 
 def test_a_corpus_too_small_for_one_sequence_fails_clearly(tmp_path):
     path = write_jsonl(tmp_path / "tiny.jsonl", [{"text": "the sum"}])
-    with pytest.raises(ValueError, match="without one 50-token sequence"):
+    with pytest.raises(ValueError, match="too little training text"):
         next(iter(stream(path, seq_len=50, packing="crop")))
 
 

@@ -46,11 +46,14 @@ def test_every_rank_agrees_on_the_default_run_directory_when_clocks_differ(tmp_p
     probe = tmp_path / "probe.py"
     probe.write_text(
         "import os, time\n"
-        "from quietstar.training.launch_scripts import shared_run_dir\n"
+        "from quietstar.training.engine import init_distributed, shared_output_dir\n"
+        "from quietstar.training.train_config import TrainConfig\n"
         "if os.environ['RANK'] == '1':\n"
         "    real = time.strftime\n"
         "    time.strftime = lambda f, t=None: real(f, time.localtime(time.time() + 1))\n"
-        "print('run dir', os.environ['RANK'], shared_run_dir('demo'), flush=True)\n"
+        "init_distributed()\n"
+        "cfg = shared_output_dir(TrainConfig(output_dir='runs/demo-{time}'))\n"
+        "print('run dir', os.environ['RANK'], cfg.output_dir, flush=True)\n"
     )
     result = run(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), str(probe)])
     lines = [line.split() for line in result.stdout.splitlines() if line.startswith("run dir")]
@@ -99,7 +102,8 @@ def test_deepspeeds_multi_node_launchers_run_the_script_on_one_host(launcher, tm
     monkeypatch.setenv("OMPI_ALLOW_RUN_AS_ROOT", "1")  # mpirun refuses root otherwise (containers)
     monkeypatch.setenv("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
     out = tmp_path / "run"
-    run(["deepspeed", "--launcher", launcher, "--hostfile", str(tmp_path / "hosts"), "--force_multi", "--master_addr", "127.0.0.1",
+    no_ssh = ["--no_ssh_check"] if launcher == "openmpi" else []  # mpirun starts local ranks without ssh
+    run(["deepspeed", "--launcher", launcher, *no_ssh, "--hostfile", str(tmp_path / "hosts"), "--force_multi", "--master_addr", "127.0.0.1",
          "--master_port", str(free_port()), str(ROOT / "launch" / "pretrain.sh"), "--model", str(tmp_path / "model"),
          "--dataset", str(tmp_path / "text.jsonl"), "--output-dir", str(out), "--max-steps", "1", "--seq-len", "16",
          "--thought-len", "2", "--n-true", "2", "--micro-batch-size", "1", "--grad-accum-steps", "1", "--heldout-documents", "2"])

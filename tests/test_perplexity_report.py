@@ -222,7 +222,8 @@ def test_make_windows_cuts_documents_and_stops_at_max_tokens():
 
 @pytest.mark.parametrize(
     "line, problem",
-    [("{not json", "not valid JSON"), ('["a list"]', "not a JSON object"), ('{"body": "the sum"}', "no string 'text' field")],
+    [("{not json", "not valid JSON (Expecting property name enclosed in double quotes at column 2)"),
+     ('["a list"]', "not a JSON object"), ('{"body": "the sum"}', "no string 'text' field")],
 )
 def test_a_malformed_jsonl_line_exits_2_naming_the_line(tmp_path, capsys, line, problem):
     data = tmp_path / "data.jsonl"

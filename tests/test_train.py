@@ -6,18 +6,19 @@ import dataclasses
 import json
 import math
 import os
-import random
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, WORDS, free_port, run, tiny_lm, tiny_tokenizer
+from helpers import ROOT, free_port, run, training_fixture
 from transformers import AutoModelForCausalLM
 
-from quietstar.core.cli_config import ConfigError
+from quietstar.core.cli_config import ConfigError, RunError
 from quietstar.core.text_data import DataConfig, heldout_batches, load_documents, split_heldout
 from quietstar.evaluation.perplexity import heldout_nll
 from quietstar.quiet_star.model import QuietStarModel
@@ -33,14 +34,7 @@ STEPS = 4
 @pytest.fixture(scope="module")
 def fixture_dir(tmp_path_factory) -> Path:
     """A tiny random Llama (saved as a plain HF dir) and a synthetic jsonl corpus."""
-    root = tmp_path_factory.mktemp("train")
-    tiny_lm("llama").save_pretrained(root / "model")
-    tiny_tokenizer().save_pretrained(root / "model")
-    rng = random.Random(0)
-    with (root / "text.jsonl").open("w") as f:
-        for _ in range(80):
-            f.write(json.dumps({"text": " ".join(rng.choice(WORDS[3:]) for _ in range(rng.randint(10, 50)))}) + "\n")
-    return root
+    return training_fixture(tmp_path_factory.mktemp("train"))
 
 
 def recipe_args(root: Path, output_dir: Path, zero: int, max_steps: int = STEPS) -> list[str]:
@@ -164,11 +158,72 @@ def test_resume_after_step_k_repeats_the_uninterrupted_steps(runs, fixture_dir, 
     """Stop after step 2, resume to 4: the weights, optimizer, LR warmup, data position and RNG all carry over."""
     out = first_half
     launcher(recipe_args(fixture_dir, out, zero=2) + ["--resume"])
-    resumed, uninterrupted = read_metrics(out), read_metrics(runs[2])
-    assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in read_metrics(out)] == list(range(1, STEPS + 1))
+    assert_same_steps(read_metrics(out), read_metrics(runs[2]))
+
+
+def assert_same_steps(resumed: list[dict], uninterrupted: list[dict]) -> None:
+    assert [r["step"] for r in resumed] == [r["step"] for r in uninterrupted]
     for a, b in zip(resumed, uninterrupted):
         for name in (*STEP_METRICS, "lr", "thought_lr", "grad_norm", "documents"):
             assert a[name] == pytest.approx(b[name], rel=0, abs=1e-6), (a["step"], name)
+
+
+def start(command: list[str], **env: str) -> subprocess.Popen:
+    """``command`` in the background, in a session of its own (so that a signal can go to the whole job)."""
+    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **env))
+
+
+def wait_until(condition, process: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def logged_steps(out: Path) -> int:
+    path = out / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.is_file() else 0
+
+
+def test_sigterm_saves_after_the_current_step_and_resume_repeats_the_uninterrupted_run(runs, fixture_dir, tmp_path):
+    """The scheduler's SIGTERM to every process of the job (as SLURM sends it) during a 40-step run: each rank
+    finishes the step, saves and exits; --resume to step 4 then takes the uninterrupted run's steps."""
+    out = tmp_path / "preempted"
+    job = start(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), str(ROOT / "launch" / "pretrain.sh"),
+                 *recipe_args(fixture_dir, out, zero=2, max_steps=40)])
+    wait_until(lambda: logged_steps(out) >= 1, job)
+    os.killpg(job.pid, signal.SIGTERM)
+    _, err = job.communicate(timeout=120)
+    step = int(checkpoints.latest_tag(out / "checkpoints").removeprefix("step-"))
+    assert 1 <= step <= STEPS and logged_steps(out) == step, err[-3000:]
+    assert f"stopped by SIGTERM after step {step}; checkpoint {out / 'checkpoints' / checkpoints.tag(step)} saved" in err
+    assert not (out / "final").exists()
+    launcher(recipe_args(fixture_dir, out, zero=2) + ["--resume"])
+    assert_same_steps(read_metrics(out), read_metrics(runs[2]))
+
+
+def test_a_killed_rank_stops_the_other_within_seconds_and_resume_works(runs, fixture_dir, tmp_path):
+    """Two ranks started without a launcher (nothing else would stop the survivor); rank 1 is killed after the
+    step-2 checkpoint. Rank 0 exits with one line, and a resumed run takes the uninterrupted run's steps."""
+    out, port = tmp_path / "killed", str(free_port())
+    command = [sys.executable, "-m", "quietstar.training.pretrain", *recipe_args(fixture_dir, out, zero=2, max_steps=40),
+               "--dist-timeout-s", "30"]
+    ranks = [start(command, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port) for r in (0, 1)]
+    wait_until(lambda: checkpoints.latest_tag(out / "checkpoints") is not None, ranks[0])
+    ranks[1].kill()
+    killed = time.monotonic()
+    _, err = ranks[0].communicate(timeout=120)
+    assert time.monotonic() - killed < 35 and ranks[0].returncode == 1
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "another rank died or stopped answering" in lines[0] and "Traceback" not in err, err[-3000:]
+    ranks[1].communicate()
+    saved = int(checkpoints.latest_tag(out / "checkpoints").removeprefix("step-"))
+    assert saved in (2, 4), saved
+    launcher(recipe_args(fixture_dir, out, zero=2) + ["--resume"])
+    assert_same_steps(read_metrics(out), read_metrics(runs[2]))
 
 
 # --- configuration, logs and checkpoint files (no processes launched) -------------------------------
@@ -278,15 +333,58 @@ def test_a_resumed_log_drops_the_steps_after_the_checkpoint(tmp_path):
     assert read_metrics(tmp_path) == []
 
 
+def fake_checkpoint(root: Path, step: int, files=("mp_rank_00_model_states.pt", "rank00000_state.pt")) -> Path:
+    """A checkpoint directory with a few files and its manifest, as ``checkpoints.save`` leaves it."""
+    directory = root / checkpoints.tag(step)
+    directory.mkdir(parents=True)
+    for name in files:
+        (directory / name).write_bytes(b"x" * (100 + step))
+    checkpoints._write_manifest(directory)
+    return directory
+
+
 def test_latest_ignores_partial_saves_and_old_checkpoints_are_pruned(tmp_path):
-    assert checkpoints.latest_tag(tmp_path) is None
+    assert checkpoints.latest_tag(tmp_path) is None and not checkpoints.any_saved(tmp_path)
     for step in (2, 4, 6):
-        (tmp_path / checkpoints.tag(step)).mkdir()
+        fake_checkpoint(tmp_path, step)
     (tmp_path / f"{checkpoints.tag(8)}.partial").mkdir()  # a save that was killed
     (tmp_path / checkpoints.LATEST).write_text(checkpoints.tag(6) + "\n")
-    assert checkpoints.latest_tag(tmp_path) == "step-000006"
+    assert checkpoints.latest_tag(tmp_path) == "step-000006" and checkpoints.any_saved(tmp_path)
     checkpoints._prune(tmp_path, keep=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-000004", "step-000006", "step-000008.partial"]
+
+
+@pytest.mark.parametrize("pointer", ["", "\x00\x13garbage", "step-000099", None])
+def test_an_empty_or_garbage_latest_falls_back_to_the_newest_complete_checkpoint(tmp_path, capsys, pointer):
+    for step in (2, 4):
+        fake_checkpoint(tmp_path, step)
+    if pointer is not None:
+        (tmp_path / checkpoints.LATEST).write_text(pointer)
+    assert checkpoints.resume_tag(tmp_path) == "step-000004"
+    warning = capsys.readouterr().err
+    assert (pointer is None) == (warning == "")  # no pointer at all (killed before the first switch): nothing to warn about
+    if pointer is not None:
+        assert "using step-000004, the newest complete one" in warning and warning.count("\n") == 1
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing", "no manifest"])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one_or_refuses(tmp_path, capsys, damage):
+    fake_checkpoint(tmp_path, 2)
+    newest = fake_checkpoint(tmp_path, 4)
+    (tmp_path / checkpoints.LATEST).write_text("step-000004\n")
+    target = newest / ("rank00000_state.pt" if damage != "no manifest" else checkpoints.MANIFEST)
+    if damage == "truncated":
+        target.write_bytes(b"x" * 10)
+    else:
+        target.unlink()
+    assert checkpoints.resume_tag(tmp_path) == "step-000002"
+    warning = capsys.readouterr().err
+    assert "step-000004 is incomplete" in warning and "resuming from step-000002" in warning
+    assert {"truncated": "truncated (10 of 104 bytes)", "missing": "rank00000_state.pt is missing",
+            "no manifest": "complete.json is missing"}[damage] in warning
+    shutil.rmtree(tmp_path / "step-000002")  # nothing to fall back to: one line
+    with pytest.raises(RunError, match=r"--resume: no complete checkpoint in .*step-000004"):
+        checkpoints.resume_tag(tmp_path)
 
 
 def test_launch_script_help_and_missing_hostfile():

@@ -26,6 +26,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from quietstar.core.files import input_file, json_lines
+
 PROG = "quietstar.coconut.data"
 CALCULATOR = re.compile(r"<<.*?>>")  # one GSM8K calculator annotation, e.g. "<<48/2=24>>"
 
@@ -81,32 +83,18 @@ def read_examples(path: str | Path) -> tuple[list[Example], int]:
     Each non-blank line is tried as a converted record (``qa_example``), then as raw GSM8K
     (``gsm8k_example``). Lines that are not UTF-8, not JSON, not an object, or malformed are
     skipped and counted in ``skipped``; blank lines are neither used nor counted.
-    Raises FileNotFoundError if the file is missing, ValueError if it yields no example.
+    Raises an OSError if the file is missing, a directory or unreadable (``core.files.input_file``),
+    ValueError if it yields no example.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
+    path = input_file(path)
     examples: list[Example] = []
     skipped = 0
-    with path.open("rb") as f:
-        for raw in f:
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                skipped += 1
-                continue
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                skipped += 1
-                continue
-            example = qa_example(record) or gsm8k_example(record)
-            if example is None:
-                skipped += 1
-            else:
-                examples.append(example)
+    for _, record, problem in json_lines(path):
+        example = None if problem else qa_example(record) or gsm8k_example(record)
+        if example is None:
+            skipped += 1
+        else:
+            examples.append(example)
     if not examples:
         detail = f"all {skipped} non-blank lines are malformed" if skipped else "the file has no records"
         raise ValueError(f"no examples in {path}: {detail} (expected jsonl of {{question, steps, answer}} or raw GSM8K)")

@@ -24,6 +24,10 @@ class ConfigError(ValueError):
     """An invalid configuration value. The message starts with ``Class.field``."""
 
 
+class RunError(RuntimeError):
+    """A run that cannot go on (bad data, a failed save, training that diverged): one line for the user, exit code 2."""
+
+
 def require(ok: bool, owner: object, field: str, rule: str) -> None:
     """Raise a ConfigError naming ``owner.field`` when ``ok`` is false."""
     if not ok:
@@ -101,11 +105,19 @@ def build_config(cls: type[C], yaml_values: dict[str, Any], args: argparse.Names
     return from_dict(cls, values)
 
 
+def one_line(error: BaseException) -> str:
+    """An exception as one line: an ``OSError`` as "<reason>: <file>", anything else as its message's first line."""
+    if isinstance(error, OSError) and error.strerror and error.filename:
+        return f"{error.strerror}: {error.filename}"
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def run_command(name: str, run: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> int:
     """Run an entry point: 0 on success; a bad input or config prints ``quietstar <name>: error: ...`` and gives 2."""
     try:
         run(args)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"quietstar {name}: error: {error}", file=sys.stderr)
+    except (OSError, ValueError, RunError) as error:
+        print(f"quietstar {name}: error: {one_line(error)}", file=sys.stderr)
         return 2
     return 0

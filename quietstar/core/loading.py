@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from quietstar.core.latent_model import LatentReasoningModel
-from quietstar.core.offline import SMOLLM2, resolve_model_path
+from quietstar.core.offline import SMOLLM2, locate_model
 
 M = TypeVar("M", bound=LatentReasoningModel)
 
@@ -19,11 +19,22 @@ def is_saved(path: str | Path, model_class: type[LatentReasoningModel]) -> bool:
     return (Path(path) / f"{model_class.method}_config.json").is_file()
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")  # any one of them
+
+
 def load_base(name: str, dtype: torch.dtype = torch.float32):
-    """(causal LM, tokenizer) from the offline default's name, a local HF model dir or a hub id."""
-    path = resolve_model_path(name)
-    if not Path(path).is_dir() and (Path(path).is_absolute() or path.startswith(".")):
-        raise FileNotFoundError(f"model directory not found: {path}")
+    """(causal LM, tokenizer) from the offline default's name, a local HF model dir or a hub id.
+
+    A name that cannot be had (``offline.locate_model``), or a local directory without ``config.json``
+    or without a tokenizer, fails before anything loads.
+    """
+    path = locate_model(name)
+    if Path(path).is_dir():
+        if not (Path(path) / "config.json").is_file():
+            raise FileNotFoundError(f"--model {name!r}: not a Hugging Face model directory (no config.json)")
+        if not any((Path(path) / file).is_file() for file in TOKENIZER_FILES):
+            raise FileNotFoundError(f"--model {name!r}: the directory has no tokenizer ({', '.join(TOKENIZER_FILES)}); "
+                                    "save one there with tokenizer.save_pretrained")
     try:
         lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -40,7 +51,7 @@ def load_model(model_class: type[M], name: str, config, dtype: torch.dtype = tor
     ``model_class.save_pretrained`` (its own config is used and ``config`` is ignored),
     a plain HF causal-LM dir, or a hub id (wrapped with fresh method modules and ``config``).
     """
-    path = resolve_model_path(name)
+    path = locate_model(name)
     if is_saved(path, model_class):
         return model_class.from_pretrained(path, dtype=dtype)
     lm, tokenizer = load_base(name, dtype)

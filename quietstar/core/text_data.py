@@ -16,10 +16,14 @@ window per document (the paper's "random crops"). ``TokenStream.state_dict()``
 holds the exact position (epoch, document, leftover tokens), so a resumed run
 yields the same sequences as an uninterrupted one.
 
-Records that are malformed (not JSON, not an object, no string text field),
-empty, or too short are skipped and counted in ``TokenStream.stats``; they never
-stop a run. A missing file or an unreachable/unknown dataset fails at start-up
-with a one-line error.
+Records that are malformed (not UTF-8, not JSON, not an object, no string text
+field), empty, or too short are skipped and counted in ``TokenStream.stats``; they
+never stop a run. What cannot work fails at start-up, the same on every rank, with a
+one-line error: a missing, unreadable or directory path, an unreachable/unknown
+dataset, a parquet file or hub dataset without the text column, local files without
+one usable document, held-out documents that leave none to train on
+(``split_heldout``), and training documents too few or too short for one sequence
+per rank (``TokenStream``).
 """
 
 from __future__ import annotations
@@ -30,16 +34,19 @@ import json
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
+import pyarrow
+import pyarrow.parquet
 import torch
 from datasets import Dataset, IterableDataset, load_dataset
 from datasets.distributed import split_dataset_by_node
 
+from quietstar.core import offline
 from quietstar.core.cli_config import is_int, require
+from quietstar.core.files import input_file, json_lines
 
 CHAMP = "champ"
-INVALID_JSON = object()  # what ``json_lines`` yields for a line that is not JSON
 PACKING = ("pack", "crop")
 
 
@@ -114,7 +121,7 @@ def _local_paths(spec: str) -> list[Path] | None:
         matches = sorted(glob.glob(str(Path(part).expanduser())))
         if not matches:
             raise FileNotFoundError(f"DataConfig.dataset: no file matches {part!r}")
-        paths += [Path(m) for m in matches]
+        paths += [input_file(m, "DataConfig.dataset") for m in matches]
     return paths
 
 
@@ -124,34 +131,35 @@ def _read_local(paths: list[Path], text_field: str) -> Iterator[dict[str, Any]]:
         if path.suffix == ".txt":
             yield {"text": path.read_text(errors="replace")}
         elif path.suffix == ".parquet":
-            for record in Dataset.from_parquet(str(path)):
-                value = record.get(text_field)
+            for value in _parquet_column(path, text_field):
                 yield {"text": value if isinstance(value, str) else None}
         else:  # jsonl: one object per line; a bad line is one malformed record
             for _, text, _ in jsonl_records(path, text_field):
                 yield {"text": text}
 
 
-def json_lines(path: Path) -> Iterator[tuple[int, Any]]:
-    """Each non-blank line of a jsonl file as (line number, parsed value); ``INVALID_JSON`` for a line that does not parse."""
-    with path.open(errors="replace") as f:
-        for number, line in enumerate(f, start=1):
-            if line.strip():
-                try:
-                    yield number, json.loads(line)
-                except json.JSONDecodeError:
-                    yield number, INVALID_JSON
+def _parquet_column(path: Path, text_field: str) -> list[Any]:
+    """The values of column ``text_field`` of a parquet file; a file that is not parquet or lacks the column fails in one line."""
+    try:
+        parquet = pyarrow.parquet.ParquetFile(path)
+    except pyarrow.ArrowException as error:
+        reason = str(error).strip().splitlines()[0]
+        raise ValueError(f"DataConfig.dataset: {path} is not a readable parquet file ({reason})") from None
+    columns = parquet.schema_arrow.names
+    if text_field not in columns:
+        raise ValueError(f"DataConfig.text_field: {path} has no column {text_field!r}; its columns: {', '.join(columns)}")
+    return parquet.read(columns=[text_field]).column(text_field).to_pylist()
 
 
 def jsonl_records(path: Path, text_field: str) -> Iterator[tuple[int, str | None, str | None]]:
     """Each non-blank line of a jsonl file as (line number, text, problem).
 
     Exactly one of ``text`` and ``problem`` is None; ``problem`` says why a line has no
-    text: "not valid JSON", "not a JSON object" or "no string '<text_field>' field".
+    text: "not UTF-8", "not valid JSON", "not a JSON object" or "no string '<text_field>' field".
     """
-    for number, record in json_lines(path):
-        if record is INVALID_JSON:
-            yield number, None, "not valid JSON"
+    for number, record, problem in json_lines(path):
+        if problem is not None:
+            yield number, None, problem
         elif not isinstance(record, dict):
             yield number, None, "not a JSON object"
         elif not isinstance(record.get(text_field), str):
@@ -160,8 +168,24 @@ def jsonl_records(path: Path, text_field: str) -> Iterator[tuple[int, str | None
             yield number, record[text_field], None
 
 
+def usable(text: str | None) -> bool:
+    """Whether a record's text can be a document: a string (not malformed) that is not blank (not empty)."""
+    return isinstance(text, str) and text.strip() != ""
+
+
+def skipped_counts(texts: Iterable[str | None]) -> tuple[int, int, int]:
+    """(usable, empty, malformed) counts of records' texts (None: malformed)."""
+    texts = list(texts)
+    malformed = sum(text is None for text in texts)
+    good = sum(usable(text) for text in texts)
+    return good, len(texts) - good - malformed, malformed
+
+
 def load_documents(config: DataConfig) -> Dataset | IterableDataset:
-    """All documents of ``config.dataset`` as records ``{"text": str | None}`` (None: malformed)."""
+    """All documents of ``config.dataset`` as records ``{"text": str | None}`` (None: malformed).
+
+    Local files without one usable document fail here, with the counts of what was skipped.
+    """
     if config.dataset == CHAMP:
         return Dataset.from_list(champ_documents())
     paths = _local_paths(config.dataset)
@@ -169,28 +193,58 @@ def load_documents(config: DataConfig) -> Dataset | IterableDataset:
         for path in paths:
             if path.suffix not in (".jsonl", ".json", ".parquet", ".txt"):
                 raise ValueError(f"DataConfig.dataset: {path} is not .jsonl, .json, .parquet or .txt")
-        return Dataset.from_list(list(_read_local(paths, config.text_field)))
+        records = list(_read_local(paths, config.text_field))
+        good, empty, malformed = skipped_counts(r["text"] for r in records)
+        if not good:
+            raise ValueError(
+                f"DataConfig.dataset: no usable document in {config.dataset!r}: {len(records)} records, {empty} empty, "
+                f"{malformed} malformed (not UTF-8, not JSON, not an object, or no string {config.text_field!r} field); "
+                "add text or set --text-field to the field that holds it"
+            )
+        return Dataset.from_list(records)
+    # Offline, ``datasets`` fails at once by itself; a hub that does not answer would cost its retries.
+    unreachable = None if offline.hub_switched_off() or Path(config.dataset).exists() else offline.hub_unreachable()
+    if unreachable:
+        raise ConnectionError(f"DataConfig.dataset: cannot stream {config.dataset!r}: the hub cannot be reached ({unreachable}); "
+                              f"use local files or '{CHAMP}', or check the network")
     try:
         stream = load_dataset(config.dataset, split=config.hub_split, streaming=True)
     except Exception as error:  # the hub raises many types; all mean "cannot use this name"
         raise ValueError(f"DataConfig.dataset: cannot load {config.dataset!r} from the hub ({type(error).__name__}: {error})") from None
+    if stream.column_names is not None and config.text_field not in stream.column_names:
+        raise ValueError(f"DataConfig.text_field: {config.dataset!r} has no column {config.text_field!r}; "
+                         f"its columns: {', '.join(stream.column_names)}")
     field_name = config.text_field
     return stream.map(lambda r: {"text": r.get(field_name) if isinstance(r.get(field_name), str) else None},
                       remove_columns=list(stream.column_names or []))
 
 
 def split_heldout(documents: Dataset | IterableDataset, count: int) -> tuple[Dataset | IterableDataset, list[str]]:
-    """Set the first ``count`` usable documents aside: (training documents, held-out texts)."""
+    """Set the first ``count`` usable documents aside: (training documents, held-out texts).
+
+    Fails in one line, with the counts of usable and skipped records, when the held-out
+    documents leave no usable one to train on.
+    """
     heldout, taken = [], 0
-    for record in documents:
-        taken += 1
-        if isinstance(record["text"], str) and record["text"].strip():
-            heldout.append(record["text"])
-        if len(heldout) == count:
-            break
+    if count > 0:
+        for record in documents:
+            taken += 1
+            if usable(record["text"]):
+                heldout.append(record["text"])
+            if len(heldout) == count:
+                break
     if isinstance(documents, Dataset):
-        return documents.select(range(taken, len(documents))), heldout
-    return documents.skip(taken), heldout
+        training = documents.select(range(taken, len(documents))) if taken < len(documents) else documents.select([])
+    else:
+        training = documents.skip(taken)
+    if heldout and not any(usable(record["text"]) for record in training):
+        good, empty, malformed = skipped_counts(record["text"] for record in documents)
+        raise ValueError(
+            f"DataConfig.heldout_documents: all {good} usable documents are held out (heldout_documents = {count}), "
+            f"none is left to train on ({empty} empty and {malformed} malformed records skipped); "
+            "lower --heldout-documents or add documents"
+        )
+    return training, heldout
 
 
 # --- tokens ---------------------------------------------------------------------------------------------
@@ -214,6 +268,9 @@ class TokenStream:
         config: seq_len, packing, min_tokens.
         seed: fixes the document order of every epoch and the crop offsets.
         rank, world_size: this rank's share; ranks read disjoint documents.
+
+    Raises ValueError at construction when the documents cannot give each rank a sequence
+    (``_check_enough_text``).
     """
 
     def __init__(self, documents, tokenizer, config: DataConfig, seed: int, rank: int = 0, world_size: int = 1) -> None:
@@ -223,6 +280,36 @@ class TokenStream:
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.state = StreamState()
         self.stats = StreamStats()
+        self._check_enough_text()
+
+    def _check_enough_text(self) -> None:
+        """Fail in one line unless the documents hold a usable document per rank and, when packing, a
+        ``seq_len`` of tokens per rank; the message counts what was usable and what was skipped, and why.
+
+        Every rank reads all documents in their stored order (not its own share), so every rank
+        decides alike; the scan stops as soon as there is enough, so a large corpus costs a few documents.
+        """
+        cfg, ranks = self.config, self.world_size
+        tokens_needed = ranks * cfg.seq_len if cfg.packing == "pack" else 0
+        seen, tokens = StreamStats(), 0
+        for record in self.documents:
+            ids = self._tokens(record["text"], seen)
+            tokens += len(ids) if ids is not None else 0
+            if seen.documents >= ranks and tokens >= tokens_needed:
+                return
+        if cfg.packing == "crop":
+            short, knobs = f"under seq_len = {cfg.seq_len} tokens, as crop needs", ["--seq-len"]
+        else:
+            short, knobs = f"under min_tokens = {cfg.min_tokens} tokens", ["--min-tokens", "--seq-len"]
+        if cfg.heldout_documents:
+            knobs.append("--heldout-documents")
+        need = f"{ranks} rank(s) need a document each" + (f" and {tokens_needed} tokens in all" if tokens_needed else "")
+        raise ValueError(
+            f"DataConfig.dataset: too little training text in {cfg.dataset!r}: {seen.documents} usable documents "
+            f"({tokens} tokens), {need}; skipped {seen.skipped_empty} empty, {seen.skipped_short} too short ({short}), "
+            f"{seen.skipped_malformed} malformed; add documents{', use --packing pack' if cfg.packing == 'crop' else ''}, "
+            f"or lower {', '.join(knobs[:-1]) + ' or ' if len(knobs) > 1 else ''}{knobs[-1]}"
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {"state": asdict(self.state), "stats": asdict(self.stats)}
@@ -239,22 +326,22 @@ class TokenStream:
             shuffled = self.documents.shuffle(seed=self.seed + epoch, buffer_size=10_000)
         return split_dataset_by_node(shuffled, rank=self.rank, world_size=self.world_size)
 
-    def _tokens(self, text: str | None) -> list[int] | None:
-        """Token ids of one document (EOS appended), or None when it is skipped (and counted)."""
+    def _tokens(self, text: str | None, stats: StreamStats) -> list[int] | None:
+        """Token ids of one document (EOS appended), or None when it is skipped (and counted in ``stats``)."""
         if text is None:
-            self.stats.skipped_malformed += 1
+            stats.skipped_malformed += 1
             return None
         if not text.strip():
-            self.stats.skipped_empty += 1
+            stats.skipped_empty += 1
             return None
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if self.tokenizer.eos_token_id is not None:
             ids = ids + [self.tokenizer.eos_token_id]
         needed = self.config.seq_len if self.config.packing == "crop" else self.config.min_tokens
         if len(ids) < max(needed, self.config.min_tokens):
-            self.stats.skipped_short += 1
+            stats.skipped_short += 1
             return None
-        self.stats.documents += 1
+        stats.documents += 1
         return ids
 
     def __iter__(self) -> Iterator[torch.LongTensor]:
@@ -266,7 +353,7 @@ class TokenStream:
             produced = False
             for record in source:
                 self.state.document += 1
-                ids = self._tokens(record["text"])
+                ids = self._tokens(record["text"], self.stats)
                 if ids is None:
                     continue
                 if self.config.packing == "crop":

@@ -37,9 +37,9 @@ from quietstar.coconut.generation import generate as coconut_generate
 from quietstar.coconut.markers import LATENT, PAUSE
 from quietstar.coconut.model import CoconutModel
 from quietstar.core.cli_config import run_command
+from quietstar.core.files import input_file, json_lines
 from quietstar.core.loading import is_saved, load_base
-from quietstar.core.offline import SMOLLM2, resolve_model_path
-from quietstar.core.text_data import INVALID_JSON, json_lines
+from quietstar.core.offline import SMOLLM2, locate_model
 from quietstar.quiet_star.generation import generate as quietstar_generate
 from quietstar.quiet_star.model import QuietStarModel
 
@@ -48,13 +48,11 @@ TASKS = ("gsm8k", "prontoqa", "prosqa")
 
 def read_task(path: str | Path, task: str) -> list[Example]:
     """Every record of a jsonl file as an Example; the first malformed line fails, naming the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"eval data file not found: {path}")
+    path = input_file(path, "eval data file")
     examples = []
-    for number, record in json_lines(path):
-        if record is INVALID_JSON:
-            raise ValueError(f"{path} line {number}: not valid JSON")
+    for number, record, problem in json_lines(path):
+        if problem is not None:
+            raise ValueError(f"{path} line {number}: {problem}")
         example = qa_example(record) or (gsm8k_example(record) if task == "gsm8k" else None)
         if example is None:
             wanted = "{question, steps, answer} or raw GSM8K {question, answer with ####}" if task == "gsm8k" else "{question, steps, answer}"
@@ -67,7 +65,7 @@ def read_task(path: str | Path, task: str) -> list[Example]:
 
 def load_for_eval(name: str, latents: int | None, cot: bool) -> tuple[torch.nn.Module, str, CoconutConfig | None]:
     """(model, method, the Coconut config that shapes the prompt; None for Quiet-STaR)."""
-    path = resolve_model_path(name)
+    path = locate_model(name)
     if is_saved(path, CoconutModel):
         model = CoconutModel.from_pretrained(path, dtype=torch.float32)
         if latents is not None:

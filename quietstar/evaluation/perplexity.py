@@ -44,6 +44,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from quietstar.core.cli_config import add_dataclass_arguments, build_config, is_int, load_yaml, require, run_command
+from quietstar.core.files import input_file
 from quietstar.core.loading import load_model
 from quietstar.core.offline import SMOLLM2
 from quietstar.core.text_data import jsonl_records, pad_rows
@@ -118,11 +119,11 @@ def heldout_nll(model, batches, device, seed: int, progress: bool = False) -> di
 def read_documents(path: Path, text_field: str, max_documents: int | None = None) -> list[str]:
     """The documents of a ``.txt`` file (the whole file) or a ``.jsonl`` file (``text_field`` of each object).
 
-    Reads at most ``max_documents`` documents. A missing file, another suffix, or a jsonl
-    line that is not an object with a string ``text_field`` is an error naming the file (and line).
+    Reads at most ``max_documents`` documents. A missing, unreadable or directory path, another
+    suffix, or a jsonl line that is not a UTF-8 JSON object with a string ``text_field`` is an
+    error naming the file (and line).
     """
-    if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
+    input_file(path)
     if path.suffix not in SUFFIXES:
         raise ValueError(f"{path}: unsupported data file type {path.suffix or '(none)'!r}; use {' or '.join(SUFFIXES)}")
     if path.suffix == ".txt":

@@ -18,12 +18,13 @@ With chain of thought, " Let's think step by step." follows the final "A:".
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
+
+from quietstar.core.files import input_file, json_lines
 
 TASKS = ("gsm8k", "csqa")
 HUB = {"gsm8k": ("openai/gsm8k", "main", "test"), "csqa": ("tau/commonsense_qa", None, "validation")}
@@ -162,23 +163,17 @@ MAKE_ITEM = {"gsm8k": gsm8k_item, "csqa": csqa_item}
 
 
 def read_jsonl(path: str | Path, task: str, limit: int | None = None) -> list[EvalItem]:
-    """The first ``limit`` items of a jsonl file; a malformed line fails with its line number."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"eval data file not found: {path}")
+    """The first ``limit`` items of a jsonl file; a malformed line (not UTF-8, not JSON, not a record of ``task``)
+    fails with its line number."""
+    path = input_file(path, "eval data file")
     items: list[EvalItem] = []
-    with path.open(encoding="utf-8", errors="replace") as f:
-        for number, line in enumerate(f, start=1):
-            if limit is not None and len(items) >= limit:
-                break
-            if not line.strip():
-                continue
-            where = f"{path.name} line {number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{where}: not valid JSON ({error.msg})") from None
-            items.append(MAKE_ITEM[task](record, where))
+    for number, record, problem in json_lines(path):
+        if limit is not None and len(items) >= limit:
+            break
+        where = f"{path.name} line {number}"
+        if problem is not None:
+            raise ValueError(f"{where}: {problem}")
+        items.append(MAKE_ITEM[task](record, where))
     if not items:
         raise ValueError(f"{path}: no {task} records")
     return items

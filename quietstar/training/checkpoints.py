@@ -4,26 +4,42 @@ Layout under ``<output-dir>/checkpoints``:
 
     step-000050/                  one checkpoint (DeepSpeed's model, optimizer and scheduler files)
         rank00000_state.pt        rank 0's data-stream position and RNG states (one file per rank)
+        complete.json             written last: every file of the checkpoint with its size
     latest                        the tag of the newest complete checkpoint, e.g. ``step-000050``
 
 A checkpoint is written under ``step-N.partial`` and renamed once every rank has
 finished; ``latest`` is then replaced atomically. A save killed midway therefore
-leaves ``latest`` on the previous good checkpoint. The directory must be on a file
-system that every rank sees.
+leaves ``latest`` on the previous good checkpoint, and a save that fails (disk full,
+permission denied) ends the run with one line naming that checkpoint, touching nothing
+already saved.
+
+On resume a checkpoint counts only if every file its ``complete.json`` lists is there
+at its size. An empty or garbage ``latest``, or a newest checkpoint with a missing or
+truncated file, falls back to the newest complete one, with a warning. The directory
+must be on a file system that every rank sees.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
+
+from quietstar.core.cli_config import RunError, one_line
+from quietstar.training.nonfinite import weights_finite
 
 LATEST = "latest"
+MANIFEST = "complete.json"
+TAG = re.compile(r"step-(\d{6,})")
 BEST = "best"  # a recipe that validates (Coconut) points this at its best checkpoint; pruning keeps it
 
 
@@ -53,45 +69,147 @@ def set_rng_state(state: dict[str, Any], generator: torch.Generator | None = Non
 
 
 def latest_tag(root: Path, pointer_name: str = LATEST) -> str | None:
-    """The tag ``latest`` (or another pointer, e.g. ``best``) points to, or None when there is no complete checkpoint."""
+    """The tag ``latest`` (or another pointer, e.g. ``best``) points to, or None when there is no checkpoint to use.
+
+    When ``latest`` is missing, empty, garbage or names a checkpoint that is not complete, the newest
+    complete checkpoint is used instead, with a warning (a pointer other than ``latest`` gives None).
+    """
     pointer = root / pointer_name
-    if not pointer.is_file():
+    name = pointer.read_text(errors="replace").strip() if pointer.is_file() else ""
+    if TAG.fullmatch(name) and complete(root / name):
+        return name
+    if pointer_name != LATEST:
         return None
-    name = pointer.read_text().strip()
-    return name if (root / name).is_dir() else None
+    found = complete_tags(root)
+    if found and pointer.exists():
+        warn(f"warning: {pointer} reads {name[:40]!r}, not a complete checkpoint; using {found[-1]}, the newest complete one")
+    return found[-1] if found else None
+
+
+def any_saved(root: Path) -> bool:
+    """True when ``root`` holds a ``latest`` pointer or any checkpoint, complete or not (a run not to overwrite)."""
+    return (root / LATEST).exists() or any(TAG.fullmatch(p.name) for p in root.glob("step-*"))
+
+
+def last_good(root: Path) -> str:
+    """The newest complete checkpoint's directory, for messages ("none" when there is none)."""
+    name = latest_tag(root)
+    return str(root / name) if name else "none (no checkpoint was completed)"
+
+
+def complete_tags(root: Path) -> list[str]:
+    """The tags of the complete checkpoints under ``root``, oldest first."""
+    tags = [p.name for p in root.glob("step-*") if TAG.fullmatch(p.name) and p.is_dir()] if root.is_dir() else []
+    return sorted(name for name in tags if complete(root / name))
+
+
+def complete(directory: Path) -> bool:
+    """True when ``directory`` is a whole checkpoint: every file its manifest lists is there at its size."""
+    return problem(directory) is None
+
+
+def problem(directory: Path) -> str | None:
+    """What is wrong with checkpoint ``directory`` (a missing manifest or file, a truncated file), or None."""
+    manifest = directory / MANIFEST
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{manifest} is missing or unreadable"
+    for name, size in files.items():
+        path = directory / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != size:
+            return f"{path} is truncated ({path.stat().st_size} of {size} bytes)"
+    return None
+
+
+def warn(message: str) -> None:
+    """A warning on stderr, once (rank 0)."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        tqdm.write(message, file=sys.stderr)
+
+
+def _write_manifest(directory: Path) -> None:
+    files = {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*")) if p.is_file()}
+    tmp = directory / f"{MANIFEST}.tmp"
+    tmp.write_text(json.dumps({"files": files}, indent=1) + "\n")
+    os.replace(tmp, directory / MANIFEST)
+
+
+def _all_ranks_ok(ok: bool, device: torch.device) -> bool:
+    flag = torch.tensor([0.0 if ok else 1.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() == 0.0
 
 
 def save(engine, root: Path, step: int, rank_state: dict[str, Any], keep: int) -> Path:
-    """Save a checkpoint of ``step`` on every rank (a collective call) and return its directory."""
+    """Save a checkpoint of ``step`` on every rank (a collective call) and return its directory.
+
+    Weights that are not finite are refused (``RunError``) and not written. If writing fails on any
+    rank (``OSError``: disk full, permission denied), the partial directory is removed and
+    ``RunError`` names the last good checkpoint; nothing else is touched.
+    """
+    if not weights_finite(engine.module, engine.device):
+        raise RunError(f"step {step}: the weights are not finite, so they were not saved; the last good checkpoint is {last_good(root)}")
     final = root / tag(step)
     partial = root / f"{tag(step)}.partial"
     rank = dist.get_rank()
+    good = last_good(root)
+    error = None
+    try:
+        if rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)  # left over by a save that was killed
+            root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        error = e
+    if _all_ranks_ok(error is None, engine.device):
+        try:
+            engine.save_checkpoint(str(root), tag=partial.name, client_state={"step": step}, save_latest=False)
+            torch.save(rank_state, _rank_file(partial, rank))
+        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+            error = e
+    if _all_ranks_ok(error is None, engine.device) and rank == 0:
+        try:
+            _write_manifest(partial)
+            shutil.rmtree(final, ignore_errors=True)
+            partial.rename(final)
+            pointer = root / f"{LATEST}.tmp"
+            pointer.write_text(final.name + "\n")
+            os.replace(pointer, root / LATEST)
+        except OSError as e:
+            error = e
+    if not _all_ranks_ok(error is None, engine.device):
+        if rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+            (root / f"{LATEST}.tmp").unlink(missing_ok=True)
+        reason = disk_full(root) or (one_line(error) if error else "it failed on another rank")
+        raise RunError(f"saving the checkpoint of step {step} failed ({reason}); the last good checkpoint is {good}; "
+                       "free space or fix the directory, then rerun with --resume")
     if rank == 0:
-        shutil.rmtree(partial, ignore_errors=True)  # left over by a save that was killed
-    dist.barrier()
-    engine.save_checkpoint(str(root), tag=partial.name, client_state={"step": step}, save_latest=False)
-    torch.save(rank_state, _rank_file(partial, rank))
-    dist.barrier()
-    if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        partial.rename(final)
-        pointer = root / f"{LATEST}.tmp"
-        pointer.write_text(final.name + "\n")
-        os.replace(pointer, root / LATEST)
         _prune(root, keep)
     dist.barrier()
     return final
+
+
+def disk_full(root: Path) -> str | None:
+    """"the disk is full (...)" when ``root``'s file system has less room than a checkpoint takes, else None.
+    (torch.save reports a full disk only as "unexpected pos ...".)"""
+    sizes = [sum(f.stat().st_size for f in (root / name).rglob("*") if f.is_file()) for name in complete_tags(root)[-1:]]
+    need, free = (sizes[0] if sizes else 1 << 20), shutil.disk_usage(root).free
+    if free >= need:
+        return None
+    return f"the disk is full: {free / 1e6:.2f} MB free on the file system of {root}, a checkpoint takes {need / 1e6:.2f} MB"
 
 
 def _prune(root: Path, keep: int) -> None:
     """Delete all but the ``keep`` newest complete checkpoints (0 keeps all)."""
     if keep == 0:
         return
-    done = sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".partial"))
     best = latest_tag(root, BEST)
-    for old in done[:-keep]:
-        if old.name != best:
-            shutil.rmtree(old)
+    for old in complete_tags(root)[:-keep]:
+        if old != best:
+            shutil.rmtree(root / old)
 
 
 def mark_best(root: Path, name: str) -> None:
@@ -101,18 +219,32 @@ def mark_best(root: Path, name: str) -> None:
     os.replace(pointer, root / BEST)
 
 
-def load(engine, root: Path) -> tuple[int, dict[str, Any]]:
-    """Load the checkpoint ``latest`` points to: (its step, this rank's saved data and RNG state)."""
+def resume_tag(root: Path) -> str:
+    """The checkpoint ``--resume`` continues from: ``latest`` if complete, else the newest complete one (with a
+    warning); one line when there is none."""
+    pointed = (root / LATEST).read_text(errors="replace").strip() if (root / LATEST).is_file() else ""
     name = latest_tag(root)
     if name is None:
-        raise FileNotFoundError(f"--resume: no complete checkpoint in {root} (no '{LATEST}' pointer)")
+        raise RunError(f"--resume: no complete checkpoint in {root}" + (f" ({problem(root / pointed)})" if TAG.fullmatch(pointed) else ""))
+    if TAG.fullmatch(pointed) and pointed != name and (root / pointed).exists():
+        warn(f"warning: checkpoint {pointed} is incomplete ({problem(root / pointed)}); resuming from {name}, the newest complete one")
+    return name
+
+
+def saved_state(root: Path, name: str) -> dict[str, Any]:
+    """This rank's saved state (data position, RNGs, the run's settings) in checkpoint ``name``."""
     rank_path = _rank_file(root / name, dist.get_rank())
     if not rank_path.is_file():
-        raise FileNotFoundError(f"--resume: {rank_path} is missing; was the checkpoint written with a different number of ranks?")
+        raise RunError(f"--resume: {rank_path} is missing; was the checkpoint written with a different number of ranks?")
+    return torch.load(rank_path, weights_only=False)
+
+
+def load(engine, root: Path, name: str) -> int:
+    """Load checkpoint ``name`` (weights, optimizer, LR schedule) into ``engine``; returns its step."""
     loaded, client = engine.load_checkpoint(str(root), tag=name, load_optimizer_states=True, load_lr_scheduler_states=True)
     if loaded is None:
-        raise FileNotFoundError(f"--resume: DeepSpeed could not load {root / name}")
-    return int(client["step"]), torch.load(rank_path, weights_only=False)
+        raise RunError(f"--resume: DeepSpeed could not load {root / name}")
+    return int(client["step"])
 
 
 def consolidated_state_dict(root: Path, name: str) -> dict[str, torch.Tensor]:

@@ -24,6 +24,10 @@ What one run does:
 ``--resume`` continues from ``<output-dir>/checkpoints/latest``, mid-epoch or at a stage
 change: the weights, optimizer, LR schedule, data position and RNGs are restored, so the
 resumed steps are those of an uninterrupted run.
+
+A step whose loss or gradient norm is not finite is skipped (``training.nonfinite``);
+SIGTERM or SIGUSR1 saves a checkpoint after the current step and exits
+(``training.preemption``).
 """
 
 from __future__ import annotations
@@ -59,11 +63,15 @@ from quietstar.training.engine import (
     initialize,
     load_for_training,
     reset_optimizer_state,
-    resume_from,
+    resume_state,
+    run_identity,
+    shared_output_dir,
     start_run,
     torch_optimizer,
     write_run_config,
 )
+from quietstar.training.nonfinite import NonFiniteGuard
+from quietstar.training.preemption import Preemption
 from quietstar.training.train_config import CoconutTrainConfig, zero_stage
 
 CONFIGS = (CoconutConfig, CoconutDataConfig, CoconutTrainConfig)
@@ -151,15 +159,18 @@ def validate(model: CoconutModel, examples: list[Example], cfg: CoconutTrainConf
 
 
 def train(args: argparse.Namespace, method: CoconutConfig, data: CoconutDataConfig, cfg: CoconutTrainConfig) -> dict:
-    rank, world, device = init_distributed()
+    rank, world, device = init_distributed(cfg.dist_timeout_s)
+    cfg = shared_output_dir(cfg)
     out_dir, ckpt_root = Path(cfg.output_dir), Path(cfg.output_dir) / "checkpoints"
-    ds_config = start_run(cfg, args.resume, device, world)
+    ds_config, resume_tag = start_run(cfg, args.resume, device, world)
     set_seed(cfg.seed)
 
     # Data first, so that a bad path fails before the model loads.
     train_examples, val_examples, malformed = load_splits(data)
-    fetch_base_model(cfg.model)
+    fetch_base_model(cfg.model, device)
     model, load = load_for_training(CoconutModel, cfg, method, ds_config)
+    identity = run_identity(cfg, model.config)
+    saved = resume_state(ckpt_root, resume_tag, world, identity)
     if model.tokenizer.pad_token_id is None:
         model.tokenizer.pad_token = model.tokenizer.eos_token
     kept = [e for e in train_examples if longest(e, method, model.tokenizer) <= data.max_tokens]
@@ -174,12 +185,13 @@ def train(args: argparse.Namespace, method: CoconutConfig, data: CoconutDataConf
     engine = initialize(model, cfg, ds_config, total_steps)
 
     def save(step: int, epoch: int, index: int, best: dict) -> str:
-        state = {"world_size": world, "position": {"epoch": epoch, "index": index}, "rng": checkpoints.rng_state(), "best": best}
+        state = {"world_size": world, "position": {"epoch": epoch, "index": index}, "rng": checkpoints.rng_state(), "best": best,
+                 "identity": identity}
         return checkpoints.save(engine, ckpt_root, step, state, cfg.keep_checkpoints).name
 
     step, epoch, index, best = 0, 0, 0, {"val_accuracy": -1.0, "epoch": None, "tag": None}
-    if args.resume:
-        step, saved = resume_from(engine, ckpt_root, world)
+    if saved is not None:
+        step = checkpoints.load(engine, ckpt_root, resume_tag)
         epoch, index, best = saved["position"]["epoch"], saved["position"]["index"], saved["best"]
         checkpoints.set_rng_state(saved["rng"])
     if rank == 0:
@@ -192,43 +204,61 @@ def train(args: argparse.Namespace, method: CoconutConfig, data: CoconutDataConf
               f"{data.max_tokens} tokens skipped), {batches.steps_per_epoch} steps x {cfg.num_epochs} epochs, "
               f"global batch {cfg.micro_batch_size * cfg.grad_accum_steps * world} -> {out_dir}", flush=True)
     log = StepLog(out_dir, step, total_steps, rank)
-    started, step_seconds, steps_run = time.perf_counter(), 0.0, 0
+    guard = NonFiniteGuard(cfg.max_bad_steps, lambda: checkpoints.last_good(ckpt_root))
+    started, step_seconds, steps_run, stopped_by = time.perf_counter(), 0.0, 0, None
     history = []
-    while epoch < cfg.num_epochs:
-        stage = epoch_stage(epoch, method)
-        reset = index == 0 and epoch > 0 and (method.optimizer_reset == "epoch" or stage != epoch_stage(epoch - 1, method))
-        if reset:
-            reset_optimizer_state(engine)
-        while index < batches.steps_per_epoch:
-            begun = time.perf_counter()
-            loss_sum, tokens = 0.0, 0
-            for batch in batches.step(epoch, index):
-                out = engine(**{k: v.to(device) for k, v in batch.items()})
-                engine.backward(out.loss)
-                engine.step()
-                loss_sum, tokens = loss_sum + float(out.loss.detach()), tokens + int(out.tokens)
-            loss, tokens = all_ranks_sum([loss_sum / cfg.grad_accum_steps, tokens], device)
-            seconds = time.perf_counter() - begun
-            step, index, steps_run, step_seconds = step + 1, index + 1, steps_run + 1, step_seconds + seconds
-            record = {"step": step, "epoch": epoch, "stage": stage, "loss": loss / world, "lr": engine.get_lr()[0],
-                      "scored_tokens": int(tokens), "step_s": seconds, "optimizer_reset": reset}
-            reset = False
-            log.step(record, epoch=str(epoch), stage=str(stage), loss=f"{record['loss']:.3f}")
-            if cfg.save_every and step % cfg.save_every == 0 and index < batches.steps_per_epoch:
-                save(step, epoch, index, best)
-        val = validate(engine.module, val_examples, cfg, device)
-        improved = val["val_accuracy"] > best["val_accuracy"]
-        epoch, index = epoch + 1, 0
-        name = checkpoints.tag(step)
-        if improved:
-            best = {"val_accuracy": val["val_accuracy"], "epoch": epoch - 1, "tag": name}
-        log.event({"step": step, "epoch": epoch - 1, "stage": stage, **val, "best_val_accuracy": best["val_accuracy"]})
-        history.append({"epoch": epoch - 1, "stage": stage, **val})
-        save(step, epoch, 0, best)
-        if rank == 0 and improved:
-            checkpoints.mark_best(ckpt_root, name)
-        dist.barrier()
+    with Preemption() as preemption:
+        while epoch < cfg.num_epochs and not stopped_by:
+            stage = epoch_stage(epoch, method)
+            reset = index == 0 and epoch > 0 and (method.optimizer_reset == "epoch" or stage != epoch_stage(epoch - 1, method))
+            if reset:
+                reset_optimizer_state(engine)
+            while index < batches.steps_per_epoch:
+                begun, skipped_before = time.perf_counter(), engine.skipped_steps
+                loss_sum, tokens = 0.0, 0
+                for batch in batches.step(epoch, index):
+                    out = engine(**{k: v.to(device) for k, v in batch.items()})
+                    engine.backward(out.loss)
+                    engine.step()
+                    loss_sum, tokens = loss_sum + float(out.loss.detach()), tokens + int(out.tokens)
+                loss, tokens, signalled = all_ranks_sum([loss_sum / cfg.grad_accum_steps, tokens, preemption.requested()], device)
+                seconds = time.perf_counter() - begun
+                step, index, steps_run, step_seconds = step + 1, index + 1, steps_run + 1, step_seconds + seconds
+                grad_norm = engine.get_global_grad_norm()
+                grad_norm = float(grad_norm) if grad_norm is not None else None
+                applied = guard.check(step, {"loss": loss / world}, grad_norm, skipped=engine.skipped_steps > skipped_before)
+                record = {"step": step, "epoch": epoch, "stage": stage, "loss": loss / world, "lr": engine.get_lr()[0],
+                          "grad_norm": grad_norm, "update_skipped": not applied, "scored_tokens": int(tokens), "step_s": seconds,
+                          "optimizer_reset": reset}
+                reset = False
+                log.step(record, epoch=str(epoch), stage=str(stage), loss=f"{record['loss']:.3f}")
+                guard.stop_if_exhausted(step)
+                if signalled > 0:  # a signal reached some rank before this step's sums: every rank stops here alike
+                    stopped_by = preemption.signal_name or "a signal to another rank"
+                    save(step, epoch, index, best)
+                    break
+                if cfg.save_every and step % cfg.save_every == 0 and index < batches.steps_per_epoch:
+                    save(step, epoch, index, best)
+            if stopped_by:
+                break
+            val = validate(engine.module, val_examples, cfg, device)
+            improved = val["val_accuracy"] > best["val_accuracy"]
+            epoch, index = epoch + 1, 0
+            name = checkpoints.tag(step)
+            if improved:
+                best = {"val_accuracy": val["val_accuracy"], "epoch": epoch - 1, "tag": name}
+            log.event({"step": step, "epoch": epoch - 1, "stage": stage, **val, "best_val_accuracy": best["val_accuracy"]})
+            history.append({"epoch": epoch - 1, "stage": stage, **val})
+            save(step, epoch, 0, best)
+            if rank == 0 and improved:
+                checkpoints.mark_best(ckpt_root, name)
+            dist.barrier()
     log.close()
+    if stopped_by:
+        if rank == 0:
+            print(f"quietstar.training.coconut: stopped by {stopped_by} after step {step}; checkpoint "
+                  f"{checkpoints.last_good(ckpt_root)} saved; continue with --resume", file=sys.stderr, flush=True)
+        return {"stopped_by": stopped_by, "step": step}
     elapsed = time.perf_counter() - started
 
     final = export_final(CoconutModel, cfg, method, ckpt_root, out_dir, rank)

@@ -3,25 +3,30 @@
 A recipe (``training.pretrain`` for Quiet-STaR, ``training.coconut``) reads top to
 bottom and calls these in order:
 
-    rank, world, device = init_distributed()
-    ds_config = start_run(cfg, resume, device, world)          # no overwrite, the DeepSpeed JSON completed
-    model, load = load_for_training(model_class, cfg, method, ds_config)    # after fetch_base_model(); ZeRO-3: partitioned
+    rank, world, device = init_distributed(cfg.dist_timeout_s)
+    cfg = shared_output_dir(cfg)                                 # "{time}" -> rank 0's start time
+    ds_config, tag = start_run(cfg, resume, device, world)     # no overwrite, the DeepSpeed JSON completed, the checkpoint
+    model, load = load_for_training(model_class, cfg, method, ds_config)    # after fetch_base_model(name, device); ZeRO-3: partitioned
+    saved = resume_state(ckpt_root, tag, world, run_identity(cfg, model.config))  # same ranks, model and method
     engine = initialize(model, cfg, ds_config, total_steps)      # AdamW groups + transformers LR schedule
-    step, saved = resume_from(engine, ckpt_root, world)          # weights, optimizer, schedule, per-rank state
+    step = checkpoints.load(engine, ckpt_root, tag)              # weights, optimizer, schedule
     log = StepLog(out_dir, start_step, total, rank)              # metrics.jsonl + TensorBoard + progress bar
-    ... the recipe's own loop, calling checkpoints.save(...) and log.step(...)
+    ... the recipe's own loop (``nonfinite``, ``preemption``), calling checkpoints.save(...) and log.step(...)
     export_final(model_class, cfg, method, ckpt_root, out_dir, rank)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
 import shutil
 import socket
 import sys
+import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,7 +38,7 @@ from tqdm import tqdm
 from transformers import get_scheduler
 from transformers.integrations import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
-from quietstar.core.cli_config import ConfigError, add_dataclass_arguments, build_config, load_yaml
+from quietstar.core.cli_config import ConfigError, RunError, add_dataclass_arguments, build_config, load_yaml, one_line
 from quietstar.core.latent_model import LatentReasoningModel
 from quietstar.core.loading import load_model
 from quietstar.core.lora import add_lora, lora_config
@@ -63,17 +68,34 @@ def parse_recipe_args(prog: str, description: str, configs: tuple[type, ...], ar
 
 
 def run_recipe(name: str, main: Callable[[], Any]) -> int:
-    """Run a recipe's ``main``: 0 on success; a bad input or config prints ``<name>: error: ...`` and gives 2."""
+    """Run a recipe's ``main``: 0 on success; a bad input or config, or a run that cannot go on, prints
+    ``<name>: error: ...`` (one line) and gives 2."""
     try:
         main()
-    except (ConfigError, FileNotFoundError, ValueError) as error:
-        print(f"{name}: error: {error}", file=sys.stderr)
+    except (OSError, ValueError, RunError) as error:
+        tqdm.write(f"{name}: error: {one_line(error)}", file=sys.stderr)  # on a line of its own, below any progress bar
         return 2
+    except RuntimeError as error:
+        if not lost_rank(error):
+            raise
+        tqdm.write(f"{name}: error: another rank died or stopped answering ({one_line(error)}); stopped; "
+                   "once it is fixed, rerun with --resume (the last complete checkpoint is kept)", file=sys.stderr)
+        return 1
     finally:
         if dist.is_initialized():
-            dist.destroy_process_group()
+            deepspeed.comm.destroy_process_group()  # torch's group and DeepSpeed's references to it, so a next run can start
         release_shared_memory()
     return 0
+
+
+LOST_RANK_SIGNS = ("Connection reset by peer", "Connection closed by peer", "pair closure", "Timed out", "timed out",
+                   "Broken pipe", "NCCL", "gloo")
+
+
+def lost_rank(error: RuntimeError) -> bool:
+    """Whether ``error`` is a collective that failed because another rank died or did not answer within
+    ``EngineConfig.dist_timeout_s`` (gloo and NCCL raise plain ``RuntimeError``s that say so)."""
+    return dist.is_initialized() and (isinstance(error, dist.DistError) or any(sign in str(error) for sign in LOST_RANK_SIGNS))
 
 
 def release_shared_memory() -> None:
@@ -89,12 +111,13 @@ def release_shared_memory() -> None:
 MPI_WORLD_SIZES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS")  # mpirun (OpenMPI, MPICH), srun
 
 
-def init_distributed() -> tuple[int, int, torch.device]:
+def init_distributed(timeout_s: int = 600) -> tuple[int, int, torch.device]:
     """Join the process group set up by the launcher, or make a one-process group: (rank, world size, device).
 
     The DeepSpeed launcher (local or pdsh) sets ``RANK`` and the rest. Its ``openmpi`` and ``slurm``
     launchers start the processes through ``mpirun``/``srun``, and DeepSpeed reads the ranks from MPI
-    (``mpi4py``). With neither, this process is a run of its own.
+    (``mpi4py``). With neither, this process is a run of its own. A collective that waits longer than
+    ``timeout_s`` (a rank died or hangs) fails, so the other ranks exit instead of waiting forever.
     """
     by_mpi = any(int(os.environ.get(name, "1")) > 1 for name in MPI_WORLD_SIZES)
     if by_mpi and "RANK" not in os.environ:
@@ -107,13 +130,25 @@ def init_distributed() -> tuple[int, int, torch.device]:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    deepspeed.init_distributed()
+    deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))
     accelerator = get_accelerator()
     local_rank = int(os.environ["LOCAL_RANK"])
     if accelerator.device_name() == "cuda":
         accelerator.set_device(local_rank)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    dist.barrier()  # every rank has now mapped every other rank's /dev/shm buffer (CPU), so the names can go
+    release_shared_memory()
     return dist.get_rank(), dist.get_world_size(), torch.device(accelerator.device_name(local_rank))
+
+
+def shared_output_dir(cfg: EngineConfig) -> EngineConfig:
+    """``cfg`` with ``{time}`` in ``output_dir`` replaced by rank 0's start time, so that every rank and node writes
+    into one directory even when their clocks differ (``runs/demo-{time}`` -> ``runs/demo-20261201-165731``)."""
+    if "{time}" not in cfg.output_dir:
+        return cfg
+    chosen = [cfg.output_dir.replace("{time}", time.strftime("%Y%m%d-%H%M%S"))]
+    dist.broadcast_object_list(chosen, src=0)
+    return dataclasses.replace(cfg, output_dir=chosen[0])
 
 
 def all_ranks_sum(values: list[float], device: torch.device) -> list[float]:
@@ -123,19 +158,31 @@ def all_ranks_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def start_run(cfg: EngineConfig, resume: bool, device: torch.device, world: int) -> dict[str, Any]:
-    """Refuse to overwrite a run that has checkpoints (unless resuming); return the completed DeepSpeed config."""
+def start_run(cfg: EngineConfig, resume: bool, device: torch.device, world: int) -> tuple[dict[str, Any], str | None]:
+    """(the completed DeepSpeed config, the checkpoint ``--resume`` continues from or None).
+
+    Refuses to overwrite a run that has checkpoints unless resuming, and to resume without one.
+    """
     ckpt_root = Path(cfg.output_dir) / "checkpoints"
-    if not resume and checkpoints.latest_tag(ckpt_root) is not None:
+    if not resume and checkpoints.any_saved(ckpt_root):
         raise ConfigError(f"output_dir: {cfg.output_dir} already has checkpoints; pass --resume or choose another --output-dir")
-    return deepspeed_config(cfg, device.type, world)
+    ds_config = deepspeed_config(cfg, device.type, world)
+    return ds_config, checkpoints.resume_tag(ckpt_root) if resume else None
 
 
-def fetch_base_model(name: str) -> None:
-    """Export the offline default once per node, before any rank reads it."""
+def fetch_base_model(name: str, device: torch.device) -> None:
+    """Export the offline default once per node, before any rank reads it. If that fails, every rank stops."""
+    error = None
     if int(os.environ["LOCAL_RANK"]) == 0:
-        resolve_model_path(name)
-    dist.barrier()
+        try:
+            resolve_model_path(name)
+        except (OSError, ValueError) as e:
+            error = e
+    failed = all_ranks_sum([0.0 if error is None else 1.0], device)[0]
+    if error is not None:
+        raise error
+    if failed:
+        raise RunError(f"--model {name!r}: preparing it failed on another node (see that node's log)")
 
 
 def load_for_training(model_class: type[LatentReasoningModel], cfg: EngineConfig, method_config,
@@ -212,12 +259,28 @@ def reset_optimizer_state(engine) -> None:
     torch_optimizer(engine).state.clear()
 
 
-def resume_from(engine, ckpt_root: Path, world: int) -> tuple[int, dict[str, Any]]:
-    """Load ``latest``: (its step, this rank's saved state). The number of ranks must match the saving run's."""
-    step, saved = checkpoints.load(engine, ckpt_root)
+def run_identity(cfg: EngineConfig, method_config) -> dict[str, Any]:
+    """The settings a checkpoint can only be resumed with: the model, the method's config and the LoRA layout."""
+    lora = {name: getattr(cfg, name) for name in ("lora_rank", "lora_alpha", "lora_target_modules")}
+    return {type(cfg).__name__: {"model": cfg.model, **lora}, type(method_config).__name__: method_config.to_dict()}
+
+
+def resume_state(ckpt_root: Path, tag: str | None, world: int, identity: dict[str, Any]) -> dict[str, Any] | None:
+    """This rank's saved state in checkpoint ``tag`` (None when not resuming), after checking that the saving run
+    had as many ranks and the same ``run_identity``; a difference is refused with the fields named."""
+    if tag is None:
+        return None
+    saved = checkpoints.saved_state(ckpt_root, tag)
     if saved["world_size"] != world:
         raise ConfigError(f"--resume: the checkpoint was written by {saved['world_size']} ranks, this run has {world}")
-    return step, saved
+    before = saved.get("identity", identity)
+    changed = [f"{group}.{name} (checkpoint {before[group].get(name)!r}, now {value!r})"
+               for group, fields in identity.items() for name, value in fields.items()
+               if group in before and before[group].get(name) != value]
+    if changed:
+        raise ConfigError(f"--resume: {ckpt_root / tag} was trained with other settings: {'; '.join(changed)}; "
+                          "resume with the same settings, or start a new --output-dir")
+    return saved
 
 
 def write_run_config(out_dir: Path, record: dict[str, Any]) -> None:

@@ -11,21 +11,16 @@ launcher starts every rank as ``python -u launch/pretrain.sh --local_rank=N [rec
 and Python, skipping that line, calls ``run`` here, which runs the recipe's ``main``.
 
 With no recipe arguments (or only ``--deepspeed FILE``) the embedded default runs: the
-script's named config into ``runs/<name>-<time>``. Rank 0 picks the time and sends it to
-the others, so every rank (and every node) writes into the same directory even when their
-clocks differ.
+script's named config into ``runs/<name>-{time}``. The recipe replaces ``{time}`` with rank 0's
+start time on every rank (``engine.shared_output_dir``), so every rank (and every node) writes
+into the same directory even when their clocks differ.
 """
 
 from __future__ import annotations
 
 import importlib
 import sys
-import time
 from pathlib import Path
-
-import torch.distributed as dist
-
-from quietstar.training.engine import init_distributed
 
 # script name -> (recipe module, its embedded default's config under launch/configs/, run name)
 RECIPES = {
@@ -53,14 +48,6 @@ def uses_default(argv: list[str]) -> bool:
     return not rest or (len(rest) == 2 and rest[0] == "--deepspeed")
 
 
-def shared_run_dir(run_name: str) -> str:
-    """``runs/<run_name>-<rank 0's time>``, the same string on every rank."""
-    init_distributed()
-    chosen = [f"runs/{run_name}-{time.strftime('%Y%m%d-%H%M%S')}"]
-    dist.broadcast_object_list(chosen, src=0)
-    return chosen[0]
-
-
 def run(script: str, argv: list[str] | None = None) -> None:
     """Run the recipe that ``script`` (``launch/<name>.sh``) stands for with ``argv`` (default ``sys.argv[1:]``); exits with its code."""
     name = Path(script).name.removesuffix(".sh")
@@ -68,5 +55,5 @@ def run(script: str, argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if uses_default(argv):
         config = Path(script).resolve().parent / "configs" / default_config
-        argv = [*argv, "--config", str(config), "--output-dir", shared_run_dir(run_name)]
+        argv = [*argv, "--config", str(config), "--output-dir", f"runs/{run_name}-{{time}}"]
     sys.exit(importlib.import_module(module_name).main(argv))

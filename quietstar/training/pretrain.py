@@ -21,6 +21,10 @@ What one run does:
 ``--resume`` continues from ``<output-dir>/checkpoints/latest``: the weights, optimizer,
 LR schedule, data position and every RNG are restored, so the resumed steps are the
 steps an uninterrupted run would have taken.
+
+A step whose loss or gradient norm is not finite is skipped (``training.nonfinite``);
+SIGTERM or SIGUSR1 saves a checkpoint after the current step and exits
+(``training.preemption``).
 """
 
 from __future__ import annotations
@@ -32,7 +36,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from transformers import set_seed
 
 from quietstar.core.cli_config import ConfigError
@@ -52,11 +55,15 @@ from quietstar.training.engine import (
     init_distributed,
     initialize,
     load_for_training,
-    resume_from,
+    resume_state,
+    run_identity,
+    shared_output_dir,
     start_run,
     torch_optimizer,
     write_run_config,
 )
+from quietstar.training.nonfinite import NonFiniteGuard
+from quietstar.training.preemption import Preemption
 from quietstar.training.train_config import TrainConfig, grad_diagnostics_on, zero_stage
 
 CONFIGS = (QuietStarConfig, DataConfig, TrainConfig)
@@ -71,16 +78,19 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Quiet
 
 
 def train(args: argparse.Namespace, method: QuietStarConfig, data: DataConfig, cfg: TrainConfig) -> dict:
-    rank, world, device = init_distributed()
+    rank, world, device = init_distributed(cfg.dist_timeout_s)
+    cfg = shared_output_dir(cfg)
     out_dir, ckpt_root = Path(cfg.output_dir), Path(cfg.output_dir) / "checkpoints"
-    ds_config = start_run(cfg, args.resume, device, world)
+    ds_config, resume_tag = start_run(cfg, args.resume, device, world)
     diagnose = grad_diagnostics_on(cfg, ds_config)
     set_seed(cfg.seed)
 
     # Data first, so that a bad path fails before the model loads.
     documents, heldout_texts = split_heldout(load_documents(data), data.heldout_documents)
-    fetch_base_model(cfg.model)
+    fetch_base_model(cfg.model, device)
     model, load = load_for_training(QuietStarModel, cfg, method, ds_config)
+    identity = run_identity(cfg, model.config)
+    saved = resume_state(ckpt_root, resume_tag, world, identity)
     stream = TokenStream(documents, model.tokenizer, data, seed=cfg.seed, rank=rank, world_size=world)
     heldout = heldout_batches(heldout_texts, model.tokenizer, data.seq_len, cfg.eval_batch_size)
     if cfg.gradient_checkpointing:
@@ -96,12 +106,13 @@ def train(args: argparse.Namespace, method: QuietStarConfig, data: DataConfig, c
         return values
 
     def save(step: int, heldout_before: dict) -> None:
-        state = {"world_size": world, "data": stream.state_dict(), "rng": checkpoints.rng_state(generator), "heldout_before": heldout_before}
+        state = {"world_size": world, "data": stream.state_dict(), "rng": checkpoints.rng_state(generator),
+                 "heldout_before": heldout_before, "identity": identity}
         checkpoints.save(engine, ckpt_root, step, state, cfg.keep_checkpoints)
 
     start_step = 0
-    if args.resume:
-        start_step, saved = resume_from(engine, ckpt_root, world)
+    if saved is not None:
+        start_step = checkpoints.load(engine, ckpt_root, resume_tag)
         stream.load_state_dict(saved["data"])
         checkpoints.set_rng_state(saved["rng"], generator)
         before = saved["heldout_before"]
@@ -122,48 +133,66 @@ def train(args: argparse.Namespace, method: QuietStarConfig, data: DataConfig, c
 
     tokens_per_step = cfg.micro_batch_size * cfg.grad_accum_steps * data.seq_len * world
     batches = stream.batches(cfg.micro_batch_size)
-    train_started, step_seconds, after = time.perf_counter(), 0.0, before
-    for step in range(start_step + 1, cfg.max_steps + 1):
-        started = time.perf_counter()
-        lrs = engine.get_lr()  # the rates this step uses (the scheduler advances after it)
-        sums = [0.0] * len(STEP_METRICS)
-        evaluating = cfg.eval_every and step % cfg.eval_every == 0 or step == cfg.max_steps
-        diagnostics = {}
-        for micro in range(cfg.grad_accum_steps):
-            batch = next(batches).to(device)
-            if micro == 0 and evaluating and diagnose:
-                # Its own sampler, so that the training thoughts are those of a run without diagnostics.
-                sampler = torch.Generator(device=device).manual_seed(cfg.seed + 7919 * step + rank)
-                norms = gradient_norms(engine.module, batch, None, generator=sampler)
-                mean = [v / world for v in all_ranks_sum([norms[n] for n in GRAD_METRICS], device)]
-                diagnostics = {**dict(zip(GRAD_METRICS, mean)), "grad_ratio": mean[1] / mean[0] if mean[0] > 0 else None}
-            out = engine(batch, generator=generator)
-            engine.backward(out.loss)
-            engine.step()  # DeepSpeed updates the weights only at the last micro-batch
-            sums = [s + v for s, v in zip(sums, out.metrics().values())]
-        totals = all_ranks_sum([s / cfg.grad_accum_steps for s in sums] + [getattr(stream.stats, n) for n in STREAM_COUNTS], device)
-        metrics, counts = [v / world for v in totals[: len(STEP_METRICS)]], totals[len(STEP_METRICS):]
-        seconds = time.perf_counter() - started
-        step_seconds += seconds
-        grad_norm = engine.get_global_grad_norm()
-        record = {
-            "step": step,
-            **dict(zip(STEP_METRICS, metrics)),
-            "lr": lrs[0],
-            "thought_lr": lrs[1],
-            "grad_norm": float(grad_norm) if grad_norm is not None else None,
-            "tokens_per_s": tokens_per_step / seconds,
-            "step_s": seconds,
-            **{name: int(c) for name, c in zip(STREAM_COUNTS, counts)},
-            **diagnostics,
-        }
-        if evaluating:
-            after = evaluate()
-            record.update({f"heldout_{k}": v for k, v in after.items() if k != "tokens"})
-        log.step(record, loss=f"{record['loss']:.3f}", talk=f"{record['talk_nll']:.3f}", w=f"{record['mixing_weight_mean']:.3f}")
-        if cfg.save_every and step % cfg.save_every == 0 or step == cfg.max_steps:
-            save(step, before)
+    guard = NonFiniteGuard(cfg.max_bad_steps, lambda: checkpoints.last_good(ckpt_root))
+    train_started, step_seconds, after, stopped_by = time.perf_counter(), 0.0, before, None
+    with Preemption() as preemption:
+        for step in range(start_step + 1, cfg.max_steps + 1):
+            started = time.perf_counter()
+            skipped_before = engine.skipped_steps
+            lrs = engine.get_lr()  # the rates this step uses (the scheduler advances after it)
+            sums = [0.0] * len(STEP_METRICS)
+            evaluating = cfg.eval_every and step % cfg.eval_every == 0 or step == cfg.max_steps
+            diagnostics = {}
+            for micro in range(cfg.grad_accum_steps):
+                batch = next(batches).to(device)
+                if micro == 0 and evaluating and diagnose:
+                    # Its own sampler, so that the training thoughts are those of a run without diagnostics.
+                    sampler = torch.Generator(device=device).manual_seed(cfg.seed + 7919 * step + rank)
+                    norms = gradient_norms(engine.module, batch, None, generator=sampler)
+                    mean = [v / world for v in all_ranks_sum([norms[n] for n in GRAD_METRICS], device)]
+                    diagnostics = {**dict(zip(GRAD_METRICS, mean)), "grad_ratio": mean[1] / mean[0] if mean[0] > 0 else None}
+                out = engine(batch, generator=generator)
+                engine.backward(out.loss)
+                engine.step()  # DeepSpeed updates the weights only at the last micro-batch
+                sums = [s + v for s, v in zip(sums, out.metrics().values())]
+            totals = all_ranks_sum([s / cfg.grad_accum_steps for s in sums] + [getattr(stream.stats, n) for n in STREAM_COUNTS]
+                                   + [preemption.requested()], device)
+            metrics, counts = [v / world for v in totals[: len(STEP_METRICS)]], totals[len(STEP_METRICS):-1]
+            seconds = time.perf_counter() - started
+            step_seconds += seconds
+            grad_norm = engine.get_global_grad_norm()
+            grad_norm = float(grad_norm) if grad_norm is not None else None
+            terms = dict(zip(("loss", "base NLL", "talk NLL", "policy loss"), metrics))
+            applied = guard.check(step, terms, grad_norm, skipped=engine.skipped_steps > skipped_before)
+            record = {
+                "step": step,
+                **dict(zip(STEP_METRICS, metrics)),
+                "lr": lrs[0],
+                "thought_lr": lrs[1],
+                "grad_norm": grad_norm,
+                "update_skipped": not applied,
+                "tokens_per_s": tokens_per_step / seconds,
+                "step_s": seconds,
+                **{name: int(c) for name, c in zip(STREAM_COUNTS, counts)},
+                **diagnostics,
+            }
+            if evaluating:
+                after = evaluate()
+                record.update({f"heldout_{k}": v for k, v in after.items() if k != "tokens"})
+            log.step(record, loss=f"{record['loss']:.3f}", talk=f"{record['talk_nll']:.3f}", w=f"{record['mixing_weight_mean']:.3f}")
+            guard.stop_if_exhausted(step)
+            if totals[-1] > 0:  # a signal reached some rank before this step's sums: every rank stops here alike
+                stopped_by = preemption.signal_name or "a signal to another rank"
+            if cfg.save_every and step % cfg.save_every == 0 or step == cfg.max_steps or stopped_by:
+                save(step, before)
+            if stopped_by:
+                break
     log.close()
+    if stopped_by:
+        if rank == 0:
+            print(f"quietstar.training.pretrain: stopped by {stopped_by} after step {step}; checkpoint "
+                  f"{checkpoints.last_good(ckpt_root)} saved; continue with --resume", file=sys.stderr, flush=True)
+        return {"stopped_by": stopped_by, "step": step}
     elapsed = time.perf_counter() - train_started
     steps_run = cfg.max_steps - start_step
     if steps_run == 0:  # resumed from the last step's checkpoint: nothing to train

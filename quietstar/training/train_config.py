@@ -36,7 +36,8 @@ class EngineConfig:
     Attributes:
         model: the starting model: ``smollm2-135m`` (offline default), a local HF
             model dir, a saved model dir of the recipe's method, or a hub id.
-        output_dir: checkpoints, ``metrics.jsonl``, TensorBoard events and ``final/``.
+        output_dir: checkpoints, ``metrics.jsonl``, TensorBoard events and ``final/``; ``{time}``
+            in it becomes the run's start time (rank 0's, the same on every rank).
         deepspeed: the DeepSpeed JSON (ZeRO stage, offload); see ``ds_configs/``.
         seed: fixes the initial weights of the new modules, the data order and any sampling.
         micro_batch_size: sequences per device per forward.
@@ -62,6 +63,10 @@ class EngineConfig:
         lora_dropout: dropout on the adapters' input.
         lora_target_modules: ``all-linear`` (every linear layer but the output head) or
             comma-separated module names, e.g. ``q_proj,v_proj``.
+        max_bad_steps: a step whose loss or gradient norm is NaN/inf is skipped (no weight
+            changes); this many such steps in a row stop the run with exit code 2.
+        dist_timeout_s: how long a collective waits for the other ranks before failing, so that
+            a run whose rank died or hangs exits instead of waiting forever.
     """
 
     model: str = SMOLLM2
@@ -83,11 +88,13 @@ class EngineConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_target_modules: str = "all-linear"
+    max_bad_steps: int = 5
+    dist_timeout_s: int = 600
 
     def __post_init__(self) -> None:
         for name in ("model", "output_dir", "deepspeed", "lora_target_modules"):
             require(isinstance(getattr(self, name), str) and getattr(self, name).strip() != "", self, name, "must be a non-empty string")
-        for name in ("micro_batch_size", "grad_accum_steps"):
+        for name in ("micro_batch_size", "grad_accum_steps", "max_bad_steps", "dist_timeout_s"):
             require(is_int(getattr(self, name)) and getattr(self, name) >= 1, self, name, "must be an integer >= 1")
         for name in ("seed", "warmup_steps", "save_every", "keep_checkpoints", "lora_rank"):
             require(is_int(getattr(self, name)) and getattr(self, name) >= 0, self, name, "must be an integer >= 0")
