@@ -364,7 +364,8 @@ def test_an_empty_or_garbage_latest_falls_back_to_the_newest_complete_checkpoint
     warning = capsys.readouterr().err
     assert (pointer is None) == (warning == "")  # no pointer at all (killed before the first switch): nothing to warn about
     if pointer is not None:
-        assert "using step-000004, the newest complete one" in warning and warning.count("\n") == 1
+        assert "resuming from step-000004, the newest complete checkpoint" in warning and warning.count("\n") == 1
+        assert ("does not exist" if pointer == "step-000099" else "not a checkpoint's name") in warning
 
 
 @pytest.mark.parametrize("damage", ["truncated", "missing", "no manifest"])
@@ -379,7 +380,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one_or_refuses(t
         target.unlink()
     assert checkpoints.resume_tag(tmp_path) == "step-000002"
     warning = capsys.readouterr().err
-    assert "step-000004 is incomplete" in warning and "resuming from step-000002" in warning
+    assert "checkpoint step-000004 is incomplete" in warning and "resuming from step-000002" in warning
     assert {"truncated": "truncated (10 of 104 bytes)", "missing": "rank00000_state.pt is missing",
             "no manifest": "complete.json is missing"}[damage] in warning
     shutil.rmtree(tmp_path / "step-000002")  # nothing to fall back to: one line

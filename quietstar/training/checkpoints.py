@@ -71,19 +71,18 @@ def set_rng_state(state: dict[str, Any], generator: torch.Generator | None = Non
 def latest_tag(root: Path, pointer_name: str = LATEST) -> str | None:
     """The tag ``latest`` (or another pointer, e.g. ``best``) points to, or None when there is no checkpoint to use.
 
-    When ``latest`` is missing, empty, garbage or names a checkpoint that is not complete, the newest
-    complete checkpoint is used instead, with a warning (a pointer other than ``latest`` gives None).
+    When ``latest`` is missing, empty, garbage or names a checkpoint that is not complete, this is the
+    newest complete checkpoint instead (``resume_tag`` says so); for another pointer, None.
     """
-    pointer = root / pointer_name
-    name = pointer.read_text(errors="replace").strip() if pointer.is_file() else ""
+    name = _pointed(root / pointer_name)
     if TAG.fullmatch(name) and complete(root / name):
         return name
-    if pointer_name != LATEST:
-        return None
-    found = complete_tags(root)
-    if found and pointer.exists():
-        warn(f"warning: {pointer} reads {name[:40]!r}, not a complete checkpoint; using {found[-1]}, the newest complete one")
+    found = complete_tags(root) if pointer_name == LATEST else []
     return found[-1] if found else None
+
+
+def _pointed(pointer: Path) -> str:
+    return pointer.read_text(errors="replace").strip() if pointer.is_file() else ""
 
 
 def any_saved(root: Path) -> bool:
@@ -220,14 +219,19 @@ def mark_best(root: Path, name: str) -> None:
 
 
 def resume_tag(root: Path) -> str:
-    """The checkpoint ``--resume`` continues from: ``latest`` if complete, else the newest complete one (with a
-    warning); one line when there is none."""
-    pointed = (root / LATEST).read_text(errors="replace").strip() if (root / LATEST).is_file() else ""
-    name = latest_tag(root)
+    """The checkpoint ``--resume`` continues from: ``latest`` if complete, else the newest complete one, with a
+    warning that says what was wrong; one line when there is none."""
+    pointed, name = _pointed(root / LATEST), latest_tag(root)
+    if not TAG.fullmatch(pointed):
+        why = f"{root / LATEST} reads {pointed[:40]!r}, not a checkpoint's name"
+    elif not (root / pointed).is_dir():
+        why = f"{root / LATEST} names {pointed}, which does not exist"
+    else:
+        why = f"checkpoint {pointed} is incomplete: {problem(root / pointed)}"
     if name is None:
-        raise RunError(f"--resume: no complete checkpoint in {root}" + (f" ({problem(root / pointed)})" if TAG.fullmatch(pointed) else ""))
-    if TAG.fullmatch(pointed) and pointed != name and (root / pointed).exists():
-        warn(f"warning: checkpoint {pointed} is incomplete ({problem(root / pointed)}); resuming from {name}, the newest complete one")
+        raise RunError(f"--resume: no complete checkpoint in {root}" + (f" ({why})" if (root / LATEST).exists() else ""))
+    if name != pointed and (root / LATEST).exists():
+        warn(f"warning: {why}; resuming from {name}, the newest complete checkpoint")
     return name
 
 
