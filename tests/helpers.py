@@ -11,13 +11,23 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, PreTrainedTokenizerFast, Qwen2Config
+from transformers import (AutoModelForCausalLM, Gemma3TextConfig, GPT2Config, LlamaConfig, MistralConfig, Olmo2Config, Phi3Config,
+                          PreTrainedTokenizerFast, Qwen2Config, Qwen3Config)
 
 WORDS = ["<pad>", "<unk>", "<eos>", "---"] + [str(i) for i in range(10)] + (
     "the a sum of is and plus minus times equals x y so then we get half twice number".split()
 )
 ROOT = Path(__file__).resolve().parents[1]
-FAMILIES = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "gpt2": GPT2Config}
+FAMILIES = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "gpt2": GPT2Config, "qwen3": Qwen3Config,
+            "gemma3_text": Gemma3TextConfig, "phi3": Phi3Config, "olmo2": Olmo2Config}
+NEW_FAMILIES = ("qwen3", "gemma3_text", "phi3", "olmo2")  # each with what sets it apart: QK norms, local layers, fused projections
+FAMILY_SETTINGS = {
+    "qwen3": dict(head_dim=8),  # per-head QK norm
+    # QK norm, scaled embeddings, (1 + w) norms, a local (sliding-window) layer with its own RoPE base, then a global one
+    "gemma3_text": dict(head_dim=8, query_pre_attn_scalar=8, sliding_window=64, layer_types=["sliding_attention", "full_attention"]),
+    "phi3": dict(pad_token_id=0, bos_token_id=1, eos_token_id=2),  # fused qkv_proj and gate_up_proj
+    "olmo2": dict(pad_token_id=0, bos_token_id=1, eos_token_id=2),  # QK norm over all heads, norms after each block
+}
 
 
 def tiny_tokenizer(words: list[str] = WORDS) -> PreTrainedTokenizerFast:
@@ -57,6 +67,7 @@ def tiny_lm(family: str = "llama", seed: int = 0, attn: str = "sdpa", **override
     if family == "gpt2":  # GPT-2 names its MLP width n_inner and has no grouped-query heads
         settings["n_inner"] = settings.pop("intermediate_size")
         settings.pop("num_key_value_heads")
+    settings.update(FAMILY_SETTINGS.get(family, {}))
     settings.update(overrides)
     config = FAMILIES[family](**settings)
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
@@ -217,7 +228,7 @@ def independent_coconut_logits(model, ids: list[int]) -> torch.Tensor:
         elif token < 0:
             inputs.append(markers[token])
         else:
-            inputs.append(embedding.weight[token])
+            inputs.append(embedding(torch.tensor(token)))  # the module, not its rows: Gemma 3 scales them
     return lm(inputs_embeds=torch.stack(inputs)[None]).logits[0]
 
 

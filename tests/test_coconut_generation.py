@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import WORDS, independent_coconut_logits, tiny_lm, tiny_tokenizer
+from helpers import NEW_FAMILIES, WORDS, independent_coconut_logits, tiny_lm, tiny_tokenizer
 
 from quietstar.coconut.config import CoconutConfig
 from quietstar.coconut.curriculum import collate_prompts, encode, inference_prompt
@@ -41,7 +41,7 @@ def rerun_decoding(model: CoconutModel, prompt: list[int], new_tokens: int) -> l
     return out
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", *NEW_FAMILIES])
 def test_batched_cached_generation_equals_per_example_full_reruns(family):
     model = model_for(family, c=1, max_latent_stage=3)  # 3 latents at inference
     rows = prompts(model)
@@ -58,7 +58,7 @@ def test_batched_cached_generation_equals_per_example_full_reruns(family):
     assert len(shown) == 3 and len(shown[0]) == 3 and len(shown[0][0]) == 2 and 0 < shown[0][0][0][1] <= 1
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", *NEW_FAMILIES])
 def test_without_latents_it_equals_transformers_greedy_generate(family):
     model = model_for(family, mode="no_cot")
     rows = prompts(model)

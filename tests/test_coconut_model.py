@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import WORDS, independent_coconut, tiny_lm, tiny_tokenizer
+from helpers import NEW_FAMILIES, WORDS, independent_coconut, tiny_lm, tiny_tokenizer
 
 from quietstar.coconut.config import CoconutConfig
 from quietstar.coconut.curriculum import collate
@@ -35,7 +35,7 @@ def perturbed(model: CoconutModel) -> CoconutModel:
 ROWS = [example_row(1, 5, 3, 4), example_row(2, 7, 1, 2), example_row(3, 3, 0, 5), example_row(4, 6, 2, 3, pauses=1)]
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", *NEW_FAMILIES])
 def test_batched_latent_forward_matches_the_one_position_at_a_time_loop(family):
     torch.manual_seed(0)
     model = perturbed(CoconutModel(tiny_lm(family), tiny_tokenizer(), CoconutConfig()))

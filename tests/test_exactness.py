@@ -6,6 +6,7 @@ from helpers import (
     assert_step_matches_oracle,
     independent_greedy_thought,
     independent_thought_pass,
+    NEW_FAMILIES,
     move_off_init,
     padded_batch,
     tiny_lm,
@@ -22,7 +23,8 @@ def make_model(family, attn="sdpa", **config):
     return move_off_init(QuietStarModel(tiny_lm(family, attn=attn), tiny_tokenizer(), QuietStarConfig(**config)))
 
 
-@pytest.mark.parametrize("family,attn", [("llama", "sdpa"), ("mistral", "sdpa"), ("qwen2", "sdpa"), ("llama", "eager")])
+@pytest.mark.parametrize("family,attn", [("llama", "sdpa"), ("mistral", "sdpa"), ("qwen2", "sdpa"), ("llama", "eager"),
+                                         *[(family, "sdpa") for family in NEW_FAMILIES]])
 def test_greedy_parallel_thoughts_match_one_position_at_a_time(family, attn):
     model = make_model(family, attn, thought_len=4, n_thoughts=2)
     ids, mask = padded_batch(lengths=(8, 5, 6))
@@ -36,7 +38,7 @@ def test_greedy_parallel_thoughts_match_one_position_at_a_time(family, attn):
                     assert thoughts[b, t, r].tolist() == expected, (b, t, r)
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", *NEW_FAMILIES])
 @pytest.mark.parametrize("thought_len,n_true", [(3, 2), (1, 4)])
 def test_post_thought_logits_and_policy_logprobs_match(family, thought_len, n_true):
     model = make_model(family, thought_len=thought_len, n_true=n_true, n_thoughts=2, policy_temperature=1.7)

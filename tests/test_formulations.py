@@ -6,7 +6,7 @@ every parameter must agree in fp32 to a relative tolerance of 1e-5.
 
 import pytest
 import torch
-from helpers import move_off_init, padded_batch, tiny_lm, tiny_tokenizer
+from helpers import NEW_FAMILIES, move_off_init, padded_batch, tiny_lm, tiny_tokenizer
 
 from quietstar import QuietStarConfig, QuietStarModel
 from torch.nn.attention.flex_attention import flex_attention
@@ -72,6 +72,10 @@ CASES = [  # family, R, M, K: every M in 1..8, every K in 1..4, R in {2, 3}, two
     ("qwen2", 2, 6, 3),
     ("llama", 2, 7, 2),
     ("qwen2", 3, 8, 4),
+    ("qwen3", 2, 3, 2),  # the newer families, one case each
+    ("gemma3_text", 3, 4, 3),
+    ("phi3", 2, 2, 4),
+    ("olmo2", 2, 5, 1),
 ]
 
 
@@ -115,7 +119,7 @@ def test_in_float64_the_reward_terms_match_to_1e_5_of_themselves(family, R, M, K
         close(grads[name], ref, name)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", *NEW_FAMILIES])
 def test_efficient_sampling_matches_sequential_sampling(family):
     settings = dict(thought_len=5, n_true=2, n_thoughts=3)
     oracle = trained_looking_model(family, "sequential", **settings)

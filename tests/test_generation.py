@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import independent_greedy_thought, move_off_init, sequence_hidden, tiny_lm, tiny_tokenizer
+from helpers import NEW_FAMILIES, independent_greedy_thought, move_off_init, sequence_hidden, tiny_lm, tiny_tokenizer
 
 from quietstar import QuietStarConfig, QuietStarModel
 from quietstar.quiet_star.generation import generate
@@ -18,11 +18,12 @@ def left_padded_prompts():
     return ids, (ids != 0).long()
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", *NEW_FAMILIES])
 def test_without_thoughts_it_is_hf_greedy_generate(family):
     model = model_with_live_head(family)
     ids, mask = left_padded_prompts()
     ours = generate(model, ids, mask, max_new_tokens=6, thoughts=False).sequences
+    model.lm.generation_config.eos_token_id = None  # ours is given no eos either: neither stops early
     hf = model.lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert torch.equal(ours, hf)
 

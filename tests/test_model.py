@@ -6,6 +6,7 @@ from helpers import WORDS, padded_batch, tiny_lm, tiny_tokenizer
 from transformers import AutoModelForCausalLM, GPT2Config
 
 from quietstar import QuietStarConfig, QuietStarModel, build_param_groups
+from quietstar.quiet_star.model import sliding_window
 from quietstar.quiet_star.thought_embeddings import ThoughtEmbeddings
 
 
@@ -101,7 +102,7 @@ def test_param_groups_put_the_multiplier_on_the_markers(model):
 
 def test_unsupported_family_is_rejected():
     gpt2 = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=len(WORDS), n_embd=32, n_layer=1, n_head=2))
-    with pytest.raises(ValueError, match="unsupported model family 'gpt2'.*llama, mistral, qwen2"):
+    with pytest.raises(ValueError, match="unsupported model family 'gpt2'.*llama, mistral, qwen2, qwen3, gemma3_text, phi3, olmo2"):
         QuietStarModel(gpt2, tiny_tokenizer())
 
 
@@ -131,8 +132,34 @@ def test_bad_inputs_are_rejected(model):
         model(ids, mask, thoughts=torch.zeros(2, 8, 2, 5, dtype=torch.long))
 
 
-def test_sliding_window_overflow_is_rejected():
-    model = QuietStarModel(tiny_lm("mistral", sliding_window=12), tiny_tokenizer(), QuietStarConfig(thought_len=3, n_true=2))
-    ids, mask = padded_batch()
-    with pytest.raises(ValueError, match="sliding window"):
+@pytest.mark.parametrize("family", ["mistral", "gemma3_text"])
+def test_sliding_window_overflow_is_rejected(family):
+    """Mistral slides in every layer; Gemma 3 in its local layers only (its tiny config: one local, one global)."""
+    model = QuietStarModel(tiny_lm(family, sliding_window=12), tiny_tokenizer(), QuietStarConfig(thought_len=3, n_true=2))
+    ids, mask = padded_batch()  # 8 + 3 + 2 = 13 positions of reach
+    with pytest.raises(ValueError, match=r"= 13 reaches the model's sliding window \(12\)"):
         model(ids, mask)
+    model(ids[:, :6], mask[:, :6])  # 11 < 12: every layer sees the whole text
+
+
+def test_a_window_no_layer_uses_is_no_limit():
+    """Qwen3 (and Qwen2) carry ``sliding_window`` even when every layer is global."""
+    model = QuietStarModel(tiny_lm("qwen3", sliding_window=4, use_sliding_window=False), tiny_tokenizer(), QuietStarConfig())
+    assert set(model.lm.config.layer_types) == {"full_attention"} and sliding_window(model.lm.config) is None
+    model(*padded_batch())
+
+
+def test_soft_capping_is_refused_in_one_line():
+    with pytest.raises(ValueError, match="soft-caps its logits"):
+        QuietStarModel(tiny_lm("gemma3_text", final_logit_softcapping=30.0), tiny_tokenizer())
+    with pytest.raises(ValueError, match="soft-caps its attention scores"):
+        QuietStarModel(tiny_lm("gemma3_text", attn_logit_softcapping=50.0), tiny_tokenizer())
+
+
+def test_markers_start_from_the_embeddings_the_model_sees():
+    """Gemma 3 multiplies its embedding rows by sqrt(hidden) in the embedding's forward; the markers start at that scale."""
+    model = QuietStarModel(tiny_lm("gemma3_text"), tiny_tokenizer(), QuietStarConfig())
+    embedding = model.lm.get_input_embeddings()
+    seen = embedding(torch.tensor([WORDS.index("---")]))[0]
+    assert float(embedding.embed_scale) == pytest.approx(32**0.5)
+    torch.testing.assert_close(model.start_embedding.data, seen)

@@ -78,7 +78,7 @@ def latent_span(is_latent: torch.Tensor) -> tuple[int, int]:
 
 class CoconutModel(LatentReasoningModel):
     """Coconut around any ``AutoModelForCausalLM`` that takes ``inputs_embeds`` and a KV cache
-    (tested: GPT-2, Llama, Mistral, Qwen2).
+    (tested: GPT-2, Llama, Mistral, Qwen2, Qwen3, Gemma 3, Phi-3, OLMo 2).
 
     Args:
         base_model: the causal LM; it is trained in place.
@@ -89,7 +89,7 @@ class CoconutModel(LatentReasoningModel):
     method = "coconut"
     config_class = CoconutConfig
     format_version = 1
-    supported_families = ("gpt2", "llama", "mistral", "qwen2")
+    supported_families = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3", "olmo2")
 
     def __init__(self, base_model: PreTrainedModel, tokenizer, config: CoconutConfig | None = None) -> None:
         super().__init__(base_model, tokenizer, config if config is not None else CoconutConfig())

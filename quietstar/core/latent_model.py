@@ -66,6 +66,9 @@ class LatentReasoningModel(nn.Module):
                 f"{cls.__name__}: unsupported model family {family!r} ({type(lm).__name__}); "
                 f"supported: {', '.join(cls.supported_families)}"
             )
+        if getattr(lm.config, "final_logit_softcapping", None) is not None:
+            raise ValueError(f"{cls.__name__}: {type(lm).__name__} soft-caps its logits (final_logit_softcapping), "
+                             "which the method's own uses of the LM head do not; set it to None or pick another model")
         rows = lm.get_input_embeddings().num_embeddings
         if len(tokenizer) > rows:
             raise ValueError(

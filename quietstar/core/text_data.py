@@ -327,14 +327,15 @@ class TokenStream:
         return split_dataset_by_node(shuffled, rank=self.rank, world_size=self.world_size)
 
     def _tokens(self, text: str | None, stats: StreamStats) -> list[int] | None:
-        """Token ids of one document (EOS appended), or None when it is skipped (and counted in ``stats``)."""
+        """Token ids of one document (the tokenizer's own specials, e.g. a BOS, then EOS appended), or None when it
+        is skipped (and counted in ``stats``)."""
         if text is None:
             stats.skipped_malformed += 1
             return None
         if not text.strip():
             stats.skipped_empty += 1
             return None
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = self.tokenizer(text)["input_ids"]  # with the tokenizer's own specials: Gemma's <bos> starts each document
         if self.tokenizer.eos_token_id is not None:
             ids = ids + [self.tokenizer.eos_token_id]
         needed = self.config.seq_len if self.config.packing == "crop" else self.config.min_tokens
@@ -400,7 +401,7 @@ def pad_rows(rows: list[list[int]], pad_id: int = 0, left: bool = False) -> tupl
 
 def heldout_batches(texts: list[str], tokenizer, seq_len: int, batch_size: int) -> list[tuple[torch.LongTensor, torch.Tensor]]:
     """Fixed held-out batches: each text's first ``seq_len`` tokens, right padded; (input_ids, attention_mask) pairs."""
-    rows = [tokenizer(t, add_special_tokens=False)["input_ids"][:seq_len] for t in texts]
+    rows = [tokenizer(t)["input_ids"][:seq_len] for t in texts]  # as the training documents: with the tokenizer's specials
     rows = [r for r in rows if len(r) >= 2]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return [pad_rows(rows[start : start + batch_size], pad) for start in range(0, len(rows), batch_size)]

@@ -327,7 +327,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device
     model = load_model(QuietStarModel, config.model, build_config(QuietStarConfig, values, args)).eval().to(device)
     tokenizer = model.tokenizer
-    documents = (tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts)
+    documents = (tokenizer(text)["input_ids"] for text in texts)  # with its own specials (Gemma's <bos>)
     windows = make_windows(documents, config.seq_len, config.max_tokens)
     if not windows:
         raise ValueError(f"{config.data_file}: no text to score (no document has 2 or more tokens)")

@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> None:
     model = load_model(QuietStarModel, args.model, build_config(QuietStarConfig, {}, args)).eval()
     loaded = time.perf_counter()
     tok = model.tokenizer
-    ids = tok(args.text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    ids = tok(args.text, return_tensors="pt")["input_ids"]  # with its own specials (Gemma's <bos>)
     with torch.no_grad():
         thoughts = model.sample_thoughts(ids, generator=torch.Generator().manual_seed(args.seed))
         out = model(ids, thoughts=thoughts)

@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> None:
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    batch = tokenizer(args.prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    batch = tokenizer(args.prompts, return_tensors="pt", padding=True)  # with its own specials (Gemma's <bos>)
     started = time.perf_counter()
     out = generate(
         model, batch["input_ids"], batch["attention_mask"], max_new_tokens=args.max_new_tokens, thoughts=args.thoughts,

@@ -82,8 +82,21 @@ class QuietStarOutput:
         return {name: float(getattr(self, name).detach()) for name in names}
 
 
+def sliding_window(config) -> int | None:
+    """The window of the model's sliding-window (local) attention layers, or None when it has none.
+
+    Models with ``layer_types`` (Gemma 3, Qwen2/3) slide only in their ``sliding_attention`` layers;
+    older configs (Mistral, Phi-3) slide in every layer whenever ``sliding_window`` is set.
+    """
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    return window
+
+
 class QuietStarModel(LatentReasoningModel):
-    """Quiet-STaR around any supported ``AutoModelForCausalLM`` (Llama, Mistral, Qwen2).
+    """Quiet-STaR around any supported ``AutoModelForCausalLM`` (Llama, Mistral, Qwen2, Qwen3, Gemma 3, Phi-3, OLMo 2).
 
     Args:
         base_model: the causal LM; it is trained in place.
@@ -94,7 +107,7 @@ class QuietStarModel(LatentReasoningModel):
     method = "quietstar"
     config_class = QuietStarConfig
     format_version = 2  # 2: the mixing head has configurable depth and a bias-free last layer
-    supported_families = ("llama", "mistral", "qwen2")
+    supported_families = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3", "olmo2")
 
     @classmethod
     def check_base_model(cls, lm: PreTrainedModel, tokenizer) -> None:
@@ -106,6 +119,9 @@ class QuietStarModel(LatentReasoningModel):
                 f"attention implementation {attention!r} cannot take the thought attention mask; "
                 f"load the model with attn_implementation='sdpa' or 'eager'"
             )
+        if getattr(lm.config, "attn_logit_softcapping", None) is not None:
+            raise ValueError(f"{type(lm).__name__} soft-caps its attention scores (attn_logit_softcapping), "
+                             "which the thought attention kernels do not do")
         if getattr(lm.get_output_embeddings(), "bias", None) is not None:
             raise ValueError(f"{type(lm).__name__} has an LM head with a bias; the mixing head needs a bias-free head")
 
@@ -156,12 +172,12 @@ class QuietStarModel(LatentReasoningModel):
         right_padded = torch.arange(input_ids.shape[1], device=lengths.device)[None, :] < lengths[:, None]
         if not torch.equal(right_padded, attention_mask.bool()):
             raise ValueError("attention_mask must be right padded (1s then 0s in every row); use tokenizer.padding_side='right'")
-        window = getattr(self.lm.config, "sliding_window", None)
+        window = sliding_window(self.lm.config)
         reach = input_ids.shape[1] + self.config.thought_len + self.config.n_true
         if window is not None and reach >= window:
             raise ValueError(
-                f"sequence length + thought_len + n_true = {reach} reaches the model's sliding window ({window}); "
-                "use shorter sequences or thoughts"
+                f"sequence length + thought_len + n_true = {reach} reaches the model's sliding window ({window}), "
+                "past which its local layers would not let a thought see the text; use shorter sequences or thoughts"
             )
         return attention_mask
 
