@@ -103,3 +103,14 @@ def test_resume_without_a_checkpoint_or_with_other_settings_is_refused_in_one_li
     assert main(args(fixture_dir, out, "--resume", "--max-steps", "3")) == 0  # the same settings resume
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
     assert json.loads((out / "summary.json").read_text())["steps_run"] == 1
+
+    # A truncated file in the newest checkpoint (step 3): the next resume falls back to step 2, with a warning.
+    capsys.readouterr()
+    (optimizer,) = (out / "checkpoints" / "step-000003").glob("*optim_states.pt")
+    optimizer.write_bytes(optimizer.read_bytes()[:100])
+    assert main(args(fixture_dir, out, "--resume", "--max-steps", "4")) == 0
+    warning = capsys.readouterr().err
+    assert "checkpoint step-000003 is incomplete" in warning and "truncated (100 of" in warning
+    assert "resuming from step-000002" in warning
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4]
+    assert json.loads((out / "summary.json").read_text())["steps_run"] == 2
