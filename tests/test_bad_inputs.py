@@ -239,7 +239,7 @@ def test_a_hub_name_while_the_hub_is_off(tmp_path, model_dir, capsys, monkeypatc
     monkeypatch.setenv(variable, "1")
     corpus = documents(tmp_path / "docs.jsonl", 30)
     expected = (f"--model '{HUB_NAME}': not a local directory and not in the Hugging Face cache, and {variable}=1 keeps "
-                "the hub off; pass a local model dir or 'smollm2-135m', or download it while online")
+                "the hub off; pass a local model dir or 'smollm2-135m' / 'gemma3-270m', or download it while online")
     assert pretrain_error(capsys, tmp_path, model_dir, "--dataset", str(corpus), "--model", HUB_NAME) == expected
     assert command_error(capsys, "generate", "--model", HUB_NAME, "the sum") == expected
 
@@ -248,7 +248,7 @@ def test_a_hub_name_while_the_hub_does_not_answer(tmp_path, model_dir, capsys, m
     monkeypatch.setattr(offline, "hub_unreachable", lambda: "huggingface.co:443 did not answer within 3 s")
     corpus = documents(tmp_path / "docs.jsonl", 30)
     expected = (f"--model '{HUB_NAME}': not a local directory and not in the Hugging Face cache, and the hub cannot be "
-                "reached (huggingface.co:443 did not answer within 3 s); pass a local model dir or 'smollm2-135m', "
+                "reached (huggingface.co:443 did not answer within 3 s); pass a local model dir or 'smollm2-135m' / 'gemma3-270m', "
                 "or check the network")
     started = time.perf_counter()
     assert pretrain_error(capsys, tmp_path, model_dir, "--dataset", str(corpus), "--model", HUB_NAME) == expected
