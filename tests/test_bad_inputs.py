@@ -18,7 +18,6 @@ import pyarrow
 import pyarrow.parquet
 import pytest
 from helpers import WORDS, free_port, tiny_lm, tiny_tokenizer
-from transformers.utils import logging as transformers_logging
 
 from quietstar import cli
 from quietstar.core import files, offline
@@ -142,15 +141,8 @@ def test_non_utf8_bytes_make_a_line_malformed_not_replacement_text(tmp_path):
     assert list(jsonl_records(corpus, "text")) == [(1, None, "not UTF-8 (byte 0xe9 at column 14)"), (2, "the sum", None)]
 
 
-@pytest.fixture
-def no_loading_bars():
-    """No "Loading weights" progress bar on stderr, for the cases that fail after the model has loaded."""
-    transformers_logging.disable_progress_bar()
-    yield
-    transformers_logging.enable_progress_bar()
-
-
-def test_documents_too_short_for_a_sequence(tmp_path, model_dir, capsys, no_loading_bars):
+def test_documents_too_short_for_a_sequence(tmp_path, model_dir, capsys):
+    """Counted with the tokenizer alone: it fails before the model's weights load (no progress bar on stderr)."""
     corpus = documents(tmp_path / "short.jsonl", 6, words=3, extra=[{"text": ""}, {"text": 5}])
     message = pretrain_error(capsys, tmp_path, model_dir, "--dataset", str(corpus), "--heldout-documents", "2")
     assert message == (f"DataConfig.dataset: too little training text in '{corpus}': 0 usable documents (0 tokens), 1 rank(s) "

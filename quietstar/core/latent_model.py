@@ -104,6 +104,13 @@ class LatentReasoningModel(nn.Module):
         (directory / f"{self.method}_config.json").write_text(json.dumps(meta, indent=2) + "\n")
 
     @classmethod
+    def load_tokenizer(cls, directory: str | Path):
+        """The tokenizer of a directory written by ``save_pretrained``, of the class that was saved
+        (AutoTokenizer may pick another one from the model type)."""
+        meta = json.loads((Path(directory) / f"{cls.method}_config.json").read_text())
+        return getattr(transformers, meta.get("tokenizer_class", ""), AutoTokenizer).from_pretrained(directory)
+
+    @classmethod
     def from_pretrained(
         cls, directory: str | Path, dtype: torch.dtype | str = "auto", device: torch.device | str | None = None
     ) -> "LatentReasoningModel":
@@ -123,10 +130,7 @@ class LatentReasoningModel(nn.Module):
         lm = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
         if device is not None:
             lm.to(device)
-        # Reload the tokenizer class that was saved: AutoTokenizer may pick another one from the model type.
-        tokenizer_class = getattr(transformers, meta.get("tokenizer_class", ""), AutoTokenizer)
-        tokenizer = tokenizer_class.from_pretrained(directory)
-        model = cls(lm, tokenizer, cls.config_class(**meta["config"]))
+        model = cls(lm, cls.load_tokenizer(directory), cls.config_class(**meta["config"]))
         own = load_file(weights_path, device=str(lm.device))
         missing = set(model.method_state_dict()) - set(own)
         unexpected = set(own) - set(model.method_state_dict())

@@ -22,6 +22,25 @@ def is_saved(path: str | Path, model_class: type[LatentReasoningModel]) -> bool:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")  # any one of them
 
 
+def load_tokenizer(model_class: type[LatentReasoningModel], name: str):
+    """The tokenizer ``load_model(model_class, name, ...)`` would give its model, without loading any weights."""
+    path = locate_model(name)
+    if is_saved(path, model_class):
+        return model_class.load_tokenizer(path)
+    _check_model_dir(name, path)
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _check_model_dir(name: str, path: str) -> None:
+    """A local directory must hold ``config.json`` and a tokenizer (a hub id is checked by transformers)."""
+    if Path(path).is_dir():
+        if not (Path(path) / "config.json").is_file():
+            raise FileNotFoundError(f"--model {name!r}: not a Hugging Face model directory (no config.json)")
+        if not any((Path(path) / file).is_file() for file in TOKENIZER_FILES):
+            raise FileNotFoundError(f"--model {name!r}: the directory has no tokenizer ({', '.join(TOKENIZER_FILES)}); "
+                                    "save one there with tokenizer.save_pretrained")
+
+
 def load_base(name: str, dtype: torch.dtype = torch.float32):
     """(causal LM, tokenizer) from the offline default's name, a local HF model dir or a hub id.
 
@@ -29,12 +48,7 @@ def load_base(name: str, dtype: torch.dtype = torch.float32):
     or without a tokenizer, fails before anything loads.
     """
     path = locate_model(name)
-    if Path(path).is_dir():
-        if not (Path(path) / "config.json").is_file():
-            raise FileNotFoundError(f"--model {name!r}: not a Hugging Face model directory (no config.json)")
-        if not any((Path(path) / file).is_file() for file in TOKENIZER_FILES):
-            raise FileNotFoundError(f"--model {name!r}: the directory has no tokenizer ({', '.join(TOKENIZER_FILES)}); "
-                                    "save one there with tokenizer.save_pretrained")
+    _check_model_dir(name, path)
     try:
         lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(path)

@@ -39,6 +39,7 @@ import torch
 from transformers import set_seed
 
 from quietstar.core.cli_config import ConfigError
+from quietstar.core.loading import load_tokenizer
 from quietstar.core.text_data import DataConfig, TokenStream, heldout_batches, load_documents, split_heldout
 from quietstar.evaluation.perplexity import heldout_nll
 from quietstar.quiet_star.config import QuietStarConfig
@@ -85,14 +86,15 @@ def train(args: argparse.Namespace, method: QuietStarConfig, data: DataConfig, c
     diagnose = grad_diagnostics_on(cfg, ds_config)
     set_seed(cfg.seed)
 
-    # Data first, so that a bad path fails before the model loads.
+    # Data first (with the tokenizer, to count tokens), so that bad or too little text fails before the model loads.
     documents, heldout_texts = split_heldout(load_documents(data), data.heldout_documents)
     fetch_base_model(cfg.model, device)
+    tokenizer = load_tokenizer(QuietStarModel, cfg.model)
+    stream = TokenStream(documents, tokenizer, data, seed=cfg.seed, rank=rank, world_size=world)
+    heldout = heldout_batches(heldout_texts, tokenizer, data.seq_len, cfg.eval_batch_size)
     model, load = load_for_training(QuietStarModel, cfg, method, ds_config)
     identity = run_identity(cfg, model.config)
     saved = resume_state(ckpt_root, resume_tag, world, identity)
-    stream = TokenStream(documents, model.tokenizer, data, seed=cfg.seed, rank=rank, world_size=world)
-    heldout = heldout_batches(heldout_texts, model.tokenizer, data.seq_len, cfg.eval_batch_size)
     if cfg.gradient_checkpointing:
         model.lm.activation_checkpointing_enable()
     model.train()
