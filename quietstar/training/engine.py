@@ -46,6 +46,7 @@ from quietstar.core.offline import resolve_model_path
 from quietstar.core.optim import build_param_groups
 from quietstar.core.zero3 import full_numel, parameter_counts
 from quietstar.training import checkpoints
+from quietstar.training.collectives import all_ranks_ok
 from quietstar.training.run_log import RunLog
 from quietstar.training.train_config import EngineConfig, check_yaml_keys, deepspeed_config, zero_stage
 
@@ -151,13 +152,6 @@ def shared_output_dir(cfg: EngineConfig) -> EngineConfig:
     return dataclasses.replace(cfg, output_dir=chosen[0])
 
 
-def all_ranks_sum(values: list[float], device: torch.device) -> list[float]:
-    """Sum a list of numbers over ranks."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
 def start_run(cfg: EngineConfig, resume: bool, device: torch.device, world: int) -> tuple[dict[str, Any], str | None]:
     """(the completed DeepSpeed config, the checkpoint ``--resume`` continues from or None).
 
@@ -178,10 +172,10 @@ def fetch_base_model(name: str, device: torch.device) -> None:
             resolve_model_path(name)
         except (OSError, ValueError) as e:
             error = e
-    failed = all_ranks_sum([0.0 if error is None else 1.0], device)[0]
+    prepared = all_ranks_ok(error is None, device)
     if error is not None:
         raise error
-    if failed:
+    if not prepared:
         raise RunError(f"--model {name!r}: preparing it failed on another node (see that node's log)")
 
 

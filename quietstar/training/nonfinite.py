@@ -21,6 +21,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from quietstar.core.cli_config import RunError
+from quietstar.training.collectives import all_ranks_ok
 
 
 class NonFiniteGuard:
@@ -69,6 +70,4 @@ def weights_finite(module: torch.nn.Module, device: torch.device) -> bool:
     Under ZeRO-3 each rank checks its own partition (``ds_tensor``); otherwise its whole copy.
     """
     ok = all(bool(torch.isfinite(getattr(p, "ds_tensor", p).detach()).all()) for p in module.parameters())
-    flag = torch.tensor([0.0 if ok else 1.0], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return flag.item() == 0.0
+    return all_ranks_ok(ok, device)

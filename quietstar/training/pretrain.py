@@ -46,11 +46,11 @@ from quietstar.quiet_star.config import QuietStarConfig
 from quietstar.quiet_star.diagnostics import gradient_norms
 from quietstar.quiet_star.model import QuietStarModel
 from quietstar.training import checkpoints
+from quietstar.training.collectives import all_ranks_sum
 from quietstar.training.engine import (
     parse_recipe_args,
     run_recipe,
     StepLog,
-    all_ranks_sum,
     export_final,
     fetch_base_model,
     init_distributed,
