@@ -9,7 +9,7 @@ Then, for each method (Quiet-STaR, Coconut) and each way of loading, ``deepspeed
 RANKS`` starts fresh processes that load it with the ZeRO-3 config ``ds_configs/zero3.json``:
 
     whole        ``core.loading.load_model``: every rank builds and fills the full fp32 model
-                 (what the recipes did before partitioned loading)
+                 (what the recipes did before partitioned loading, whatever the precision)
     partitioned  ``training.engine.load_for_training``: the LM is built inside
                  ``deepspeed.zero.Init`` and only rank 0 reads the checkpoint
 
@@ -25,7 +25,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -80,7 +79,7 @@ def save_model(directory: Path, args: argparse.Namespace) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def worker(model_dir: str, method: str, mode: str, out_dir: str) -> None:
+def worker(model_dir: str, method: str, mode: str, out_dir: str, precision: str) -> None:
     """One rank: load, then ``deepspeed.initialize``; write its memory figures to ``out_dir/rank<N>.json``."""
     import torch.distributed as dist
 
@@ -96,15 +95,16 @@ def worker(model_dir: str, method: str, mode: str, out_dir: str) -> None:
     rank, world, device = init_distributed()
     model_class, method_config = {"quietstar": (QuietStarModel, QuietStarConfig(marker_init_text="---")),
                                   "coconut": (CoconutModel, CoconutConfig(marker_init_text="---"))}[method]
-    cfg = TrainConfig(model=model_dir, deepspeed=str(ROOT / "ds_configs" / "zero3.json"), precision="fp32")
+    cfg = TrainConfig(model=model_dir, deepspeed=str(ROOT / "ds_configs" / "zero3.json"), precision=precision)
     ds_config = deepspeed_config(cfg, device.type, world)
-    row = {"method": method, "mode": mode, "rank": rank, "anon_before_load_mb": round(status_mb("RssAnon"), 1)}
+    row = {"method": method, "mode": mode, "precision": precision, "rank": rank, "anon_before_load_mb": round(status_mb("RssAnon"), 1)}
     anon = AnonPeak()
     if mode == "whole":
         model = load_model(model_class, model_dir, method_config)
     else:
         model, _ = load_for_training(model_class, cfg, method_config, ds_config)
     row["held_parameters"], row["parameters"] = parameter_counts(model.lm)
+    row["held_dtypes"] = sorted({str(getattr(p, "ds_tensor", p).dtype) for p in model.lm.parameters()})
     row.update(peak_anon_loaded_mb=round(anon.read(), 1), peak_rss_loaded_mb=round(status_mb("VmHWM"), 1))
     engine = initialize(model, cfg, ds_config, total_steps=1)
     row.update(peak_anon_initialized_mb=round(anon.read(), 1), peak_rss_initialized_mb=round(status_mb("VmHWM"), 1),
@@ -130,8 +130,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="ratios need both")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="the recipes' --precision; under ZeRO-3 with bf16, zero.Init makes bf16 shards (default: fp32)")
     parser.add_argument("--json", type=Path, help="write the rows here")
-    parser.add_argument("--worker", nargs=4, metavar=("MODEL_DIR", "METHOD", "MODE", "OUT_DIR"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=5, metavar=("MODEL_DIR", "METHOD", "MODE", "OUT_DIR", "PRECISION"),
+                        help=argparse.SUPPRESS)
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -141,14 +144,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         parameters = save_model(Path(tmp) / "model", args)
-        print(f"random Llama: {parameters / 1e6:.1f}M parameters ({parameters * 4 / 2**30:.2f} GiB fp32), {args.ranks} ranks, ZeRO-3")
+        print(f"random Llama: {parameters / 1e6:.1f}M parameters ({parameters * 4 / 2**30:.2f} GiB fp32), {args.ranks} ranks, ZeRO-3, {args.precision}")
         env = dict(os.environ, OMP_NUM_THREADS="1")
         for method in args.methods:
             for mode in args.modes:
                 out_dir = Path(tmp) / f"{method}-{mode}"
                 out_dir.mkdir()
                 command = ["deepspeed", "--num_gpus", str(args.ranks), "--master_port", str(free_port()), __file__,
-                           "--worker", str(Path(tmp) / "model"), method, mode, str(out_dir)]
+                           "--worker", str(Path(tmp) / "model"), method, mode, str(out_dir), args.precision]
                 result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
                 if result.returncode != 0:
                     raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
@@ -166,7 +169,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f"{row['max_peak_rss_initialized_mb']:.0f} | {held} | {ratios[0]} | {ratios[1]} |")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"parameters": parameters, "ranks": args.ranks, "rows": rows}, indent=2) + "\n")
+        args.json.write_text(json.dumps({"parameters": parameters, "ranks": args.ranks, "precision": args.precision, "rows": rows}, indent=2) + "\n")
     return rows
 
 

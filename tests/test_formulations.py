@@ -4,12 +4,13 @@ Both run on the same weights and the same thoughts; the losses and the gradient 
 every parameter must agree in fp32 to a relative tolerance of 1e-5.
 """
 
+import warnings
+
 import pytest
 import torch
 from helpers import NEW_FAMILIES, move_off_init, padded_batch, tiny_lm, tiny_tokenizer
 
 from quietstar import QuietStarConfig, QuietStarModel
-from torch.nn.attention.flex_attention import flex_attention
 
 from transformers import AttentionInterface
 
@@ -240,6 +241,36 @@ def test_every_backend_gives_the_torch_backend_step(backend):
     with torch.no_grad():
         thought_logprobs = reference.rollout(ids, mask, thoughts=thoughts)[1].thought_logprobs
     assert_same_step(step(reference, ids, mask, thoughts), step(model, ids, mask, thoughts), thought_logprobs)
+
+
+def test_compiled_flex_attention_keeps_a_few_graphs_as_thoughts_grow(monkeypatch, thought_len=16):
+    """The key length grows with every thought step; the compiled FlexAttention must not make a graph per
+    length, or past torch's recompile limit it silently falls back to the eager version (every score
+    materialised). Dynamo's graphs are counted with its ``eager`` backend, which compiles nothing."""
+    from torch._dynamo.utils import counters
+
+    import quietstar.quiet_star.thought_attention as thought_attention
+
+    monkeypatch.setattr(thought_attention, "flex_attention_kernel", lambda device: thought_attention.compiled_flex_attention("eager"))
+    torch._dynamo.reset()
+    counters.clear()
+    settings = dict(thought_len=thought_len, n_true=4)
+    reference = trained_looking_model("llama", "efficient", attention_backend="torch", **settings)
+    model = trained_looking_model("llama", "efficient", attention_backend="flex", **settings)
+    ids, mask = padded_batch(lengths=(16, 12))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="flex_attention called without torch.compile")  # the eager fallback
+        with torch.no_grad():
+            thoughts = reference.sample_thoughts(ids, mask, generator=torch.Generator().manual_seed(0))
+            greedy = model.sample_thoughts(ids, mask, greedy=True)
+            got = model(ids, mask, thoughts=thoughts)
+    assert counters["stats"]["unique_graphs"] <= 4  # one length, then symbolic lengths (and block-mask shapes)
+    with torch.no_grad():
+        expected = reference(ids, mask, thoughts=thoughts)
+    assert torch.equal(greedy[mask.bool()], reference.sample_thoughts(ids, mask, greedy=True)[mask.bool()])
+    for name in WELL_CONDITIONED + ("policy_loss",):
+        close(getattr(got, name), getattr(expected, name), name, scale=1e-1)
+    torch._dynamo.reset()
 
 
 def test_auto_backend_picks_by_device_and_bad_choices_fail():

@@ -12,7 +12,6 @@ import random
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from helpers import ROOT, WORDS, free_port, run, tiny_lm, tiny_tokenizer

@@ -10,7 +10,6 @@ import pytest
 import torch
 from helpers import (
     ROOT,
-    WORDS,
     assert_step_matches_oracle,
     free_port,
     independent_coconut,

@@ -104,7 +104,7 @@ def test_token_and_reference_reductions_weigh_the_same_terms_differently():
     per_j = torch.stack([-lp[..., j][valid[..., j]].mean() for j in range(2)])
     torch.testing.assert_close(reference.talk_nll, per_j.mean(), rtol=1e-6, atol=0)
     # Token: -r+ * sum_i log p(z_i) over all positions; reference: per-token mean over the first L-1-K positions.
-    L, K, M = 8, 2, 2
+    L, K = 8, 2
     used = token.rewards.clamp(min=0)[:, : L - 1 - K]
     _, rollout = model.rollout(ids, thoughts=thoughts)
     expected = -(used[..., None] * rollout.thought_logprobs[:, : L - 1 - K]).mean()

@@ -50,9 +50,21 @@ BACKENDS = ("auto", "flex", "cpu_flash", "torch")
 
 
 @functools.cache
-def _compiled_flex_attention():
-    """FlexAttention is only fast when compiled; torch compiles it on the first call."""
-    return torch.compile(flex_attention, dynamic=False)
+def compiled_flex_attention(backend: str = "inductor"):
+    """FlexAttention compiled (by ``backend``, on the first call): the fused, block-sparse kernel.
+
+    The key length grows by L with every thought step, so the sequence lengths are left to
+    torch's automatic dynamic shapes: the second length seen recompiles once with symbolic
+    lengths, and every later one reuses that graph. Compiled with ``dynamic=False``, each
+    length was a graph of its own, and past torch's recompile limit of 8 graphs (already at
+    M = 8 thought tokens) the calls silently ran the eager version, which materialises every score.
+    """
+    return torch.compile(flex_attention, backend=backend)
+
+
+def flex_attention_kernel(device: torch.device):
+    """The compiled FlexAttention on CUDA; elsewhere the eager one, a reference that materialises the scores."""
+    return compiled_flex_attention() if device.type == "cuda" else flex_attention
 
 
 @dataclass(frozen=True)
@@ -269,8 +281,8 @@ def _own_scores(q, k_own, own_allowed, scaling):
 
 def _flex_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: BlockMask, scaling: float) -> torch.Tensor:
     """FlexAttention under a thought ``BlockMask``; returns [N, S_q*L, H, D]."""
-    run = _compiled_flex_attention() if query.is_cuda else flex_attention  # eager FlexAttention is a CPU reference
-    out = run(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+    attend = flex_attention_kernel(query.device)
+    out = attend(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
     return out.transpose(1, 2)
 
 
