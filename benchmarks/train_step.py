@@ -2,6 +2,8 @@
 
     python benchmarks/train_step.py --json results.json          # CPU grid (~20M-parameter Llama)
     python benchmarks/train_step.py --device cuda --json gpu.json  # GPU grid (1B-class Llama, bf16)
+    python benchmarks/train_step.py --device cuda --model smollm2-135m --seq-lens 256 --thought-lens 9 \
+        --batch-size 8 --formulations efficient --generation-tokens 0        # SmolLM2-135M's shape, the paper's L, M, K, R
 
 Every row runs in a forked child process, so its peak memory is its own: process RSS
 (``ru_maxrss``) on the CPU, ``torch.cuda.max_memory_allocated`` on a GPU. A step
@@ -16,7 +18,7 @@ rank-16 LoRA adapters (``core.lora``, every linear layer) train instead: the LoR
 Prints a table and writes a JSON list of rows:
     kind ("train_step" | "generation"), formulation ("efficient" | "oracle"; for
     generation "thoughts" | "no thoughts"), checkpointing (activation checkpointing on),
-    lora_rank (0: every weight trains),
+    lora_rank (0: every weight trains), model (the shape: ``MODELS``),
     seq_len, thought_len, n_true, n_thoughts, batch_size, step_s, peak_mem_mb,
     tokens_per_s, tflops, mfu, device, status ("ok" | "skipped: ...").
 """
@@ -35,17 +37,21 @@ GRIDS = {
     "cpu": {"seq_len": [64, 128, 256], "thought_len": [4, 8, 16], "n_true": 4, "n_thoughts": 2, "batch_size": 1, "dtype": "float32"},
     "cuda": {"seq_len": [256, 512], "thought_len": [8, 16, 24], "n_true": 4, "n_thoughts": 2, "batch_size": 2, "dtype": "bfloat16"},
 }
-MODELS = {  # fixed, randomly initialised Llama configs
+MODELS = {  # fixed, randomly initialised Llama configs (speed and memory do not depend on the weights)
     # 23M parameters. An 8k vocabulary keeps the LM head a modest share of the FLOPs, as it is in 1B-7B models.
-    "cpu": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=6, num_attention_heads=8,
-                num_key_value_heads=8, vocab_size=8192, tie_word_embeddings=True),
-    "cuda": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                 num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False),  # TinyLlama-1.1B shape
+    "llama-23m": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=6, num_attention_heads=8,
+                      num_key_value_heads=8, vocab_size=8192, tie_word_embeddings=True),
+    "tinyllama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                           num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False),
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),  # SmolLM2-135M's shape
 }
+DEFAULT_MODEL = {"cpu": "llama-23m", "cuda": "tinyllama-1.1b"}
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # dense, per GPU
 
 
-def build(device: str, dtype_name: str, formulation: str, thought_len: int, n_true: int, n_thoughts: int, lora_rank: int = 0):
+def build(device: str, model_name: str, dtype_name: str, formulation: str, thought_len: int, n_true: int, n_thoughts: int,
+          lora_rank: int = 0):
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
@@ -53,10 +59,10 @@ def build(device: str, dtype_name: str, formulation: str, thought_len: int, n_tr
     from quietstar import QuietStarConfig, QuietStarModel
 
     torch.manual_seed(0)
-    kind = "cuda" if device.startswith("cuda") else "cpu"
-    config = LlamaConfig(max_position_embeddings=4096, **MODELS[kind])
+    config = LlamaConfig(max_position_embeddings=4096, **MODELS[model_name])
     dtype = getattr(torch, dtype_name)
-    lm = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype).to(device)
+    with torch.device(device):  # initialised where it runs: a 1B model's random init takes seconds on a CPU
+        lm = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
     if lora_rank:
         from quietstar.core.lora import add_lora, lora_config
 
@@ -100,7 +106,7 @@ def run_train_row(spec: dict) -> dict:
     from quietstar import build_param_groups
 
     device = spec["device"]
-    model, cfg = build(device, spec["dtype"], spec["formulation"], spec["thought_len"], spec["n_true"], spec["n_thoughts"],
+    model, cfg = build(device, spec["model"], spec["dtype"], spec["formulation"], spec["thought_len"], spec["n_true"], spec["n_thoughts"],
                        spec.get("lora_rank", 0))
     model.train()
     if spec["checkpointing"]:
@@ -146,7 +152,7 @@ def run_generation_row(spec: dict) -> dict:
     from quietstar.quiet_star.generation import generate
 
     device = spec["device"]
-    model, cfg = build(device, spec["dtype"], "efficient", spec["thought_len"], spec["n_true"], spec["n_thoughts"])
+    model, cfg = build(device, spec["model"], spec["dtype"], "efficient", spec["thought_len"], spec["n_true"], spec["n_thoughts"])
     model.eval()
     g = torch.Generator(device="cpu").manual_seed(0)
     prompt = torch.randint(2, cfg.vocab_size, (spec["batch_size"], spec["seq_len"]), generator=g).to(device)
@@ -253,6 +259,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path, help="write the rows here")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
+    parser.add_argument("--model", choices=sorted(MODELS), help="the model's shape (default: llama-23m on the CPU, tinyllama-1.1b on CUDA)")
     parser.add_argument("--seq-lens", type=int, nargs="+", help="override the grid's L values")
     parser.add_argument("--thought-lens", type=int, nargs="+", help="override the grid's M values")
     parser.add_argument("--n-true", type=int, help="override K")
@@ -278,7 +285,8 @@ def main() -> None:
     grid["thought_len"] = args.thought_lens or grid["thought_len"]
     grid["n_true"] = args.n_true or grid["n_true"]
     grid["batch_size"] = args.batch_size or grid["batch_size"]
-    common = dict(device=device, dtype=grid["dtype"], n_true=grid["n_true"], n_thoughts=grid["n_thoughts"],
+    model = args.model or DEFAULT_MODEL["cuda" if device.startswith("cuda") else "cpu"]
+    common = dict(device=device, model=model, dtype=grid["dtype"], n_true=grid["n_true"], n_thoughts=grid["n_thoughts"],
                   batch_size=grid["batch_size"], steps=args.steps, warmup=args.warmup)
     # Activation checkpointing (which the oracle cannot use) is measured at the longest L.
     specs = [dict(common, kind="train_step", formulation=f, checkpointing=ckpt, seq_len=L, thought_len=M, lora_rank=rank)
@@ -292,19 +300,21 @@ def main() -> None:
 
     rows = []
     started = time.perf_counter()
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
     for spec in specs:
         row = run_row_in_child(spec, args.row_timeout)
         row.setdefault("formulation", spec["formulation"])
         rows.append(row)
         print(format_table([row]).splitlines()[-1], flush=True)
+        if args.json:  # after every row, so that a run stopped early keeps the rows it finished
+            args.json.write_text(json.dumps(rows, indent=2) + "\n")
     print()
     print(format_table(rows))
     for line in ratios(rows):
         print(line)
     print(f"device: {rows[0].get('device', device)}; total {time.perf_counter() - started:.0f} s")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
         print(f"wrote {args.json}")
 
 
