@@ -14,9 +14,8 @@
 # Each part's output goes to OUT_DIR/<part>.log and its rows to OUT_DIR/<part>.json (written
 # after every row). The checkout need not be installed: the repository root goes on PYTHONPATH.
 # A machine without internet that lacks packages (deepspeed, datasets, a recent transformers)
-# takes them as wheels in .whl/ at the repository root (git ignores it: carry it), installed first
-# into /tmp/site. Fill it
-# where pip works, for the GPU machine's Python (here 3.12):
+# takes them as wheels in .whl/ at the repository root (git ignores it: carry it), installed
+# first into /tmp/site. Fill it where pip works, for the GPU machine's Python (here 3.12):
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux2014_x86_64 -d .whl transformers==5.24.0 datasets dill multiprocess \
 #       hjson pydantic pydantic-core annotated-types typing-inspection
