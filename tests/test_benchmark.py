@@ -92,11 +92,11 @@ def test_coconut_generation_benchmark_checks_tokens_then_times_both_paths(tmp_pa
 def test_zero3_load_benchmark_reports_each_ranks_memory(tmp_path):
     out = tmp_path / "load.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "zero3_load.py"), "--layers", "1", "--hidden", "32", "--intermediate", "64",
-           "--heads", "4", "--vocab", "256", "--methods", "coconut", "--modes", "partitioned", "--json", str(out)]
+           "--heads", "4", "--vocab", "256", "--methods", "coconut", "--modes", "recipe", "--json", str(out)]
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr
     (row,) = json.loads(out.read_text())["rows"]  # one row: whole loading is the plain path test_train.py covers
-    assert row["mode"] == "partitioned" and len(row["ranks"]) == 2
+    assert row["mode"] == "recipe" and row["ranks"][0]["loaded"] == {"partitioned": True, "dtype": "float32"} and len(row["ranks"]) == 2
     assert all(r["held_parameters"] < r["parameters"] for r in row["ranks"])
     assert all(r["peak_anon_initialized_mb"] > 0 for r in row["ranks"])

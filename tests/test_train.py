@@ -406,6 +406,7 @@ def test_bf16_run_keeps_fp32_master_weights(tmp_path, fixture_dir, monkeypatch):
     args = recipe_args(fixture_dir, tmp_path, zero=2, max_steps=3)
     assert main(args + ["--precision", "bf16", "--gradient-checkpointing", "--lr", "1e-6", "--warmup-steps", "0"]) == 0
     assert all(math.isfinite(r["loss"]) for r in read_metrics(tmp_path))
+    assert json.loads((tmp_path / "config.json").read_text())["load"]["dtype"] == "bfloat16"  # not fp32, then cast
     initial = AutoModelForCausalLM.from_pretrained(fixture_dir / "model").model.layers[0].mlp.up_proj.weight
     trained = QuietStarModel.from_pretrained(tmp_path / "final").lm.model.layers[0].mlp.up_proj.weight
     assert trained.dtype == torch.float32

@@ -188,22 +188,27 @@ def load_for_training(model_class: type[LatentReasoningModel], cfg: EngineConfig
     made and only rank 0 reads the checkpoint, so no rank ever holds the whole model. The method's
     own modules (markers, mixing head) are small; ``deepspeed.initialize`` partitions them.
     At other stages every rank loads the whole model, as ZeRO-0/1/2 keep it whole anyway.
+    The LM loads in the training precision: a bf16 run's DeepSpeed module is bf16 (its fp32 master
+    weights, made from the bf16 ones, live in the optimizer), so an fp32 load only doubled each
+    rank's host memory, and a bf16 checkpoint now maps without a copy.
     With ``cfg.lora_rank`` > 0 the base LM's weights are frozen and LoRA adapters added (``core.lora``).
     """
+    dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
     partitioned = zero_stage(ds_config) == 3
     left = _auto_fields(ds_config) if partitioned else []
     if left:
         raise ConfigError(f"TrainConfig.deepspeed: ZeRO-3 loading needs a complete config; still \"auto\": {', '.join(left)}")
     hf_ds_config = HfDeepSpeedConfig(ds_config) if partitioned else None  # transformers keeps only a weak reference
     try:
-        model = load_model(model_class, cfg.model, method_config)
+        model = load_model(model_class, cfg.model, method_config, dtype=dtype)
     finally:
         if hf_ds_config is not None:
             unset_hf_deepspeed_config()  # later loads (the export on rank 0) are whole again
     held, total = parameter_counts(model.lm)
     per_rank = [None] * dist.get_world_size()
     dist.all_gather_object(per_rank, held)
-    record = {"partitioned": partitioned, "base_parameters": total, "held_per_rank": per_rank, "lora": None}
+    record = {"partitioned": partitioned, "dtype": str(dtype).removeprefix("torch."), "base_parameters": total,
+              "held_per_rank": per_rank, "lora": None}
     if cfg.lora_rank:
         add_lora(model.lm, _lora_config(cfg))
         trainable = sum(full_numel(p) for p in model.lm.parameters() if p.requires_grad)
