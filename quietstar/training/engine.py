@@ -190,7 +190,7 @@ def load_for_training(model_class: type[LatentReasoningModel], cfg: EngineConfig
     At other stages every rank loads the whole model, as ZeRO-0/1/2 keep it whole anyway.
     The LM loads in the training precision: a bf16 run's DeepSpeed module is bf16 (its fp32 master
     weights, made from the bf16 ones, live in the optimizer), so an fp32 load only doubled each
-    rank's host memory, and a bf16 checkpoint now maps without a copy.
+    rank's host memory; a bf16 checkpoint maps without a copy.
     With ``cfg.lora_rank`` > 0 the base LM's weights are frozen and LoRA adapters added (``core.lora``).
     """
     dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
