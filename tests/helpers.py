@@ -37,12 +37,13 @@ def tiny_tokenizer(words: list[str] = WORDS) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
 
 
-def training_fixture(root: Path) -> Path:
-    """``root/model`` (a tiny random Llama saved as a plain HF dir) and ``root/text.jsonl`` (80 random documents)."""
+def training_fixture(root: Path, **lm_settings) -> Path:
+    """``root/model`` (a tiny random Llama saved as a plain HF dir; ``lm_settings`` override its config) and
+    ``root/text.jsonl`` (80 random documents)."""
     import json
     import random
 
-    tiny_lm("llama").save_pretrained(root / "model")
+    tiny_lm("llama", **lm_settings).save_pretrained(root / "model")
     tiny_tokenizer().save_pretrained(root / "model")
     rng = random.Random(0)
     with (root / "text.jsonl").open("w") as f:

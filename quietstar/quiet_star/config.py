@@ -61,8 +61,10 @@ class QuietStarConfig:
             block with dense masks (``sequential_thoughts``, the test oracle).
             Both compute the same losses and gradients.
         attention_backend: kernel of the efficient formulation's thought
-            attention: ``flex`` (FlexAttention block masks; CUDA), ``torch``
-            (plain tensor ops; any device) or ``auto`` (flex on CUDA, else torch).
+            attention: ``flex`` (FlexAttention block masks; compiled on CUDA, where
+            heads need 16 or more dimensions), ``cpu_flash`` (the CPU's fused kernel),
+            ``torch`` (plain tensor ops; any device) or ``auto`` (flex on CUDA,
+            cpu_flash on the CPU, else torch).
     """
 
     thought_len: int = 12

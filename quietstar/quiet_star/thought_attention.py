@@ -281,6 +281,9 @@ def _own_scores(q, k_own, own_allowed, scaling):
 
 def _flex_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: BlockMask, scaling: float) -> torch.Tensor:
     """FlexAttention under a thought ``BlockMask``; returns [N, S_q*L, H, D]."""
+    if query.is_cuda and min(query.shape[-1], value.shape[-1]) < 16:  # the compiled kernel's tiles need 16
+        raise ValueError(f"the flex thought attention needs attention heads of 16 or more dimensions on CUDA, "
+                         f"and this model's have {query.shape[-1]}; use attention_backend='torch'")
     attend = flex_attention_kernel(query.device)
     out = attend(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
     return out.transpose(1, 2)
