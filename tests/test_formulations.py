@@ -20,10 +20,12 @@ RTOL = 1e-5
 WELL_CONDITIONED = ("loss", "base_nll", "talk_nll", "mixing_weight_mean")
 
 
-def trained_looking_model(family: str, formulation: str, dtype=torch.float32, **config) -> QuietStarModel:
-    """A tiny model whose markers and mixing head are off their initial values, so every loss term is live."""
+def trained_looking_model(family: str, formulation: str, dtype=torch.float32, lm_settings: dict | None = None,
+                          **config) -> QuietStarModel:
+    """A tiny model whose markers and mixing head are off their initial values, so every loss term is live.
+    ``lm_settings`` override the base LM's config (``tiny_lm``)."""
     torch.manual_seed(3)
-    model = QuietStarModel(tiny_lm(family), tiny_tokenizer(), QuietStarConfig(formulation=formulation, **config))
+    model = QuietStarModel(tiny_lm(family, **(lm_settings or {})), tiny_tokenizer(), QuietStarConfig(formulation=formulation, **config))
     return move_off_init(model, head_scale=0.2).to(dtype)
 
 

@@ -17,18 +17,18 @@ import warnings
 
 import pytest
 import torch
-from helpers import ROOT, free_port, move_off_init, padded_batch, run, tiny_lm, tiny_tokenizer, training_fixture
-from test_formulations import assert_same_step, close, step
+from helpers import ROOT, free_port, padded_batch, run, training_fixture
+from test_formulations import assert_same_step, close, step, trained_looking_model
 from test_train import recipe_args
 from transformers import AutoModelForCausalLM
 
-from quietstar import QuietStarConfig, QuietStarModel
 from quietstar.training.pretrain import STEP_METRICS
 from quietstar.training.run_log import read_metrics
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-WIDER = dict(hidden_size=64, intermediate_size=128)  # 4 heads of 16 dimensions: the compiled FlexAttention needs 16 or more
+WIDER = dict(hidden_size=64, intermediate_size=128)  # 4 heads of 16 dimensions (the CPU tests' have 8): the compiled
+# FlexAttention needs 16 or more on CUDA
 FLEX_CASES = [  # family, R, M, K: M = 8 and up made more graphs than torch's recompile limit before
     ("llama", 2, 8, 4),
     ("mistral", 3, 12, 2),
@@ -36,20 +36,12 @@ FLEX_CASES = [  # family, R, M, K: M = 8 and up made more graphs than torch's re
 ]
 
 
-def cuda_model(family: str, **config) -> QuietStarModel:
-    """``test_formulations``' trained-looking tiny model with heads of 16 dimensions, the fewest the compiled
-    FlexAttention takes on CUDA (the CPU tests' heads have 8), on the GPU."""
-    torch.manual_seed(3)
-    lm = tiny_lm(family, **WIDER)
-    return move_off_init(QuietStarModel(lm, tiny_tokenizer(), QuietStarConfig(**config)), head_scale=0.2).cuda()
-
-
 @pytest.mark.parametrize("family,R,M,K", FLEX_CASES)
 def test_compiled_flex_attention_on_cuda_matches_the_sequential_oracle(family, R, M, K):
     settings = dict(thought_len=M, n_true=K, n_thoughts=R, positive_rewards_only=False, policy_temperature=1.5,
                     policy_loss_weight=1.0, loss_reduction="reference" if M % 2 else "token")
-    oracle = cuda_model(family, formulation="sequential", **settings)
-    efficient = cuda_model(family, formulation="efficient", attention_backend="flex", **settings)
+    oracle = trained_looking_model(family, "sequential", lm_settings=WIDER, **settings).cuda()
+    efficient = trained_looking_model(family, "efficient", lm_settings=WIDER, attention_backend="flex", **settings).cuda()
     ids, mask = (t.cuda() for t in padded_batch(seed=M, lengths=(9, 6, 3)))
     thoughts = oracle.sample_thoughts(ids, mask, generator=torch.Generator(device="cuda").manual_seed(M))
     reference = step(oracle, ids, mask, thoughts)
@@ -67,8 +59,7 @@ def test_compiled_flex_attention_on_cuda_matches_the_sequential_oracle(family, R
 
 
 def test_heads_too_narrow_for_the_compiled_flex_attention_fail_in_one_line():
-    torch.manual_seed(3)
-    model = QuietStarModel(tiny_lm("llama"), tiny_tokenizer(), QuietStarConfig(thought_len=2, attention_backend="flex")).cuda()
+    model = trained_looking_model("llama", "efficient", thought_len=2, attention_backend="flex").cuda()  # heads of 8
     ids, mask = (t.cuda() for t in padded_batch())
     with pytest.raises(ValueError, match="heads of 16 or more dimensions on CUDA, and this model's have 8"):
         model.sample_thoughts(ids, mask, greedy=True)
