@@ -10,6 +10,7 @@ from quietstar.core.cli_config import run_command
 from quietstar.evaluation import coconut as coconut_eval
 from quietstar.evaluation import lm_eval_cli, perplexity, zero_shot as zero_shot_eval
 from quietstar.quiet_star import demo, generate_cli
+from quietstar.testbed import cli as testbed_cli
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,13 +24,14 @@ def main(argv: list[str] | None = None) -> int:
     coconut_eval.add_arguments(commands.add_parser("coconut-eval", help="GSM8K / ProntoQA / ProsQA accuracy of a Coconut, Quiet-STaR or plain model"))
     lm_eval_cli.add_arguments(commands.add_parser("lm-eval", allow_abbrev=False,
                                                   help="lm-evaluation-harness with the quietstar model and tasks"))
+    testbed_cli.add_arguments(commands.add_parser("testbed", help="the reasoning testbed: task, gap, base LM, both methods' table"))
     args, passthrough = parser.parse_known_args(argv)
     if args.command == "lm-eval":
         args.lm_eval_args = passthrough
     elif passthrough:
         parser.error(f"unrecognized arguments: {' '.join(passthrough)}")
     runners = {"demo": demo.run, "generate": generate_cli.run, "eval": zero_shot_eval.run, "perplexity": perplexity.run,
-               "coconut-generate": coconut_generate_cli.run, "coconut-eval": coconut_eval.run, "lm-eval": lm_eval_cli.run}
+               "coconut-generate": coconut_generate_cli.run, "coconut-eval": coconut_eval.run, "lm-eval": lm_eval_cli.run, "testbed": testbed_cli.run}
     return run_command(args.command, runners[args.command], args)
 
 
