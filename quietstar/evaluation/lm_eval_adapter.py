@@ -67,7 +67,7 @@ from quietstar.quiet_star.model import QuietStarModel
 
 MODEL_ARGS = ("pretrained", "thoughts", "thought_samples", "greedy_thoughts", "latents", "seed", "batch_size", "device",
               "max_length", "max_gen_toks")
-WEIGHT_FIELDS = ("mixing_head_layers", "mixing_head_width", "marker_init_text")  # fixed by a saved model's weights
+WEIGHT_FIELDS = ("mixing_head_layers", "mixing_head_width", "marker_init_text", "end_marker_init_text")  # fixed by a saved model's weights
 GENERATION_ARGS = ("until", "max_gen_toks", "do_sample", "temperature")
 DEFAULT_MAX_LENGTH = 2048
 logger = logging.getLogger(__name__)

@@ -54,7 +54,11 @@ class QuietStarConfig:
         mixing_head_layers: hidden layers of the mixing head's MLP (the reference: 2).
         mixing_head_width: width of those layers; ``None`` means the model's hidden size
             (the reference).
-        marker_init_text: text whose mean token embedding initialises both markers.
+        marker_init_text: text whose mean token embedding initialises ``<sot>``, and ``<eot>``
+            unless ``end_marker_init_text`` is set.
+        end_marker_init_text: text whose mean token embedding initialises ``<eot>``; ``None``
+            means ``marker_init_text``. Markers that open and close an aside the base
+            model knows (``[`` and ``]``, say) let the thought read as such an aside.
         formulation: ``efficient`` samples the thoughts without gradients and
             replays the step in one forward with block-structured attention
             (``thought_sampler``); ``sequential`` runs one forward per thought
@@ -81,6 +85,7 @@ class QuietStarConfig:
     mixing_head_layers: int = 1
     mixing_head_width: int | None = 256
     marker_init_text: str = "---"
+    end_marker_init_text: str | None = None
     formulation: str = "efficient"
     attention_backend: str = "auto"
 
@@ -120,6 +125,12 @@ class QuietStarConfig:
             self,
             "marker_init_text",
             "must be a non-empty string",
+        )
+        require(
+            self.end_marker_init_text is None or (isinstance(self.end_marker_init_text, str) and self.end_marker_init_text.strip() != ""),
+            self,
+            "end_marker_init_text",
+            "must be a non-empty string, or null for marker_init_text",
         )
         require(self.formulation in FORMULATIONS, self, "formulation", f"must be one of {', '.join(FORMULATIONS)}")
         require(self.attention_backend in BACKENDS, self, "attention_backend", f"must be one of {', '.join(BACKENDS)}")

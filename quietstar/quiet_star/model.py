@@ -130,7 +130,9 @@ class QuietStarModel(LatentReasoningModel):
         install_thought_attention(base_model)
         embedding = base_model.get_input_embeddings()
         like = {"device": embedding.weight.device, "dtype": embedding.weight.dtype}
-        self.thought_embeddings = ThoughtEmbeddings.from_text(embedding, tokenizer, self.config.marker_init_text).to(**like)
+        self.thought_embeddings = ThoughtEmbeddings.from_text(
+            embedding, tokenizer, self.config.marker_init_text, self.config.end_marker_init_text
+        ).to(**like)
         hidden_size = base_model.config.hidden_size
         width = self.config.mixing_head_width or hidden_size
         self.mixing_head = MixingHead(hidden_size, width, self.config.mixing_head_layers).to(**like)

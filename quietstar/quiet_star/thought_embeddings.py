@@ -17,17 +17,23 @@ from quietstar.core.marker_init import mean_text_embedding
 class ThoughtEmbeddings(nn.Module):
     """``<sot>`` and ``<eot>``, each a learned vector of shape [hidden]."""
 
-    def __init__(self, init: torch.Tensor) -> None:
+    def __init__(self, init: torch.Tensor, end_init: torch.Tensor | None = None) -> None:
+        """Both markers start at ``init`` [hidden], or ``<eot>`` at ``end_init`` [hidden] when given."""
         super().__init__()
-        if init.ndim != 1:
-            raise ValueError(f"ThoughtEmbeddings: init must have shape [hidden], got {tuple(init.shape)}")
+        end_init = init if end_init is None else end_init
+        if init.ndim != 1 or end_init.shape != init.shape:
+            raise ValueError(f"ThoughtEmbeddings: init and end_init must have shape [hidden], got {tuple(init.shape)} "
+                             f"and {tuple(end_init.shape)}")
         self.start = nn.Parameter(init.detach().clone())
-        self.end = nn.Parameter(init.detach().clone())
+        self.end = nn.Parameter(end_init.detach().clone())
 
     @classmethod
-    def from_text(cls, embedding: nn.Embedding, tokenizer, text: str) -> "ThoughtEmbeddings":
-        """Initialise both markers to the mean input embedding of the tokens of ``text``."""
-        return cls(mean_text_embedding(embedding, tokenizer, text, "QuietStarConfig.marker_init_text"))
+    def from_text(cls, embedding: nn.Embedding, tokenizer, text: str, end_text: str | None = None) -> "ThoughtEmbeddings":
+        """Initialise ``<sot>`` to the mean input embedding of the tokens of ``text``, and ``<eot>`` to that of
+        ``end_text`` (``text`` when None)."""
+        start = mean_text_embedding(embedding, tokenizer, text, "QuietStarConfig.marker_init_text")
+        end = None if end_text is None else mean_text_embedding(embedding, tokenizer, end_text, "QuietStarConfig.end_marker_init_text")
+        return cls(start, end)
 
     def forward(self, which: str, batch: int, length: int) -> torch.Tensor:
         """The ``start`` or ``end`` vector broadcast to [batch, length, hidden].

@@ -1,0 +1,184 @@
+"""The testbed's Quiet-STaR arm: continued pretraining of the base on unworked documents, then the held-out measurements.
+
+A row fixes the markers and the objective (``ROWS``); ``train_row`` runs it for ``qs_steps`` steps from the
+cached base, and ``measure`` scores the answer token of every held-out problem (the token after ``?``):
+
+- answer NLL of the base prediction, of the talk prediction after the model's own sampled thoughts, after its
+  greedy thought, after another problem's sampled thoughts (shuffled: the control), and after the true chain
+  (the oracle thought);
+- greedy answer accuracy without thoughts (the LM alone) and with greedy thoughts (``quiet_star.generation``,
+  the library's inference path), paired on the same problems;
+- what the greedy thought at ``?`` holds: the exact chain, and the share of intermediate values it states correctly.
+
+Everything is per item, so rows and seeds can be compared pairwise (``testbed.table``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, get_constant_schedule_with_warmup
+
+from quietstar.core.optim import build_param_groups
+from quietstar.quiet_star.config import QuietStarConfig
+from quietstar.quiet_star.diagnostics import gradient_norms
+from quietstar.quiet_star.generation import predict_continuation
+from quietstar.quiet_star.model import QuietStarModel
+from quietstar.testbed.base_lm import document_batch
+from quietstar.testbed.config import TestbedConfig
+from quietstar.testbed.task import CLOSE, OPEN, Problem, iter_documents, parse_chain
+from quietstar.testbed.tokenizer import char_tokenizer
+
+# Marker starting texts of each row: (<sot>, <eot>); None keeps QuietStarConfig's default.
+ROWS = {
+    "delimiters": (OPEN, CLOSE),
+    "default_markers": (None, None),
+    "task_markers": ("b", CLOSE),  # every chain starts with the second variable, b: task-specific
+    "oracle": (OPEN, CLOSE),
+    "reference_objective": (OPEN, CLOSE),
+}
+# The reference code's objective (launch/configs/paper.yaml), its policy weight scaled from lr 1e-6 to the testbed's lr.
+REFERENCE_OBJECTIVE = dict(loss_reduction="reference", policy_temperature=3.0, base_loss_weight=0.5, talk_loss_weight=0.5,
+                           mixing_head_layers=2, mixing_head_width=None)
+
+
+def row_config(cfg: TestbedConfig, row: str) -> QuietStarConfig:
+    """The QuietStarConfig of a row (markers, objective) at the testbed's M, K, R and marker multiplier."""
+    start, end = ROWS[row]
+    markers = {} if start is None else {"marker_init_text": start, "end_marker_init_text": end}
+    objective = REFERENCE_OBJECTIVE if row == "reference_objective" else {}
+    return QuietStarConfig(thought_len=cfg.thought_len, n_true=cfg.qs_n_true, n_thoughts=cfg.qs_n_thoughts,
+                           thought_lr_multiplier=cfg.qs_marker_lr_multiplier, **markers, **objective)
+
+
+def oracle_thoughts(problems: list[Problem], ids: torch.LongTensor, cfg: QuietStarConfig, tokenizer) -> torch.LongTensor:
+    """[B, L, R, M]: every position of row b thinks problem b's true chain (cut to M tokens; past the chain, ``]``,
+    the answer, then ``<eos>``)."""
+    rows = []
+    for p in problems:
+        tokens = tokenizer(p.chain + CLOSE + p.answer, add_special_tokens=False)["input_ids"][: cfg.thought_len]
+        rows.append(tokens + [tokenizer.eos_token_id] * (cfg.thought_len - len(tokens)))
+    chains = torch.tensor(rows)  # [B, M]
+    return chains[:, None, None, :].expand(ids.shape[0], ids.shape[1], cfg.n_thoughts, cfg.thought_len).contiguous()
+
+
+def answer_position(problem: Problem) -> int:
+    """The index of ``?``: the position whose next token is the answer."""
+    return len(problem.question) - 1
+
+
+def marker_drift(model: QuietStarModel, init: dict[str, torch.Tensor]) -> dict[str, float]:
+    """How far each marker moved from its start: ``|now - start| / |start|``."""
+    out = {}
+    for name, vector in (("sot", model.start_embedding), ("eot", model.end_embedding)):
+        out[f"{name}_drift"] = float((vector.detach() - init[name]).norm() / init[name].norm().clamp(min=1e-12))
+    return out
+
+
+def fresh_model(cfg: TestbedConfig, row: str, base_dir, seed: int) -> QuietStarModel:
+    """The base in ``base_dir`` wrapped with the row's markers and a new mixing head (seeded): talk == base."""
+    torch.manual_seed(seed)
+    lm = AutoModelForCausalLM.from_pretrained(base_dir, attn_implementation="sdpa")
+    return QuietStarModel(lm, char_tokenizer(), row_config(cfg, row)).eval()
+
+
+def train_row(cfg: TestbedConfig, row: str, base_dir, train: list[Problem], probe: list[Problem], seed: int,
+              desc: str) -> tuple[QuietStarModel, list[dict]]:
+    """Quiet-STaR continued pretraining of the base in ``base_dir`` on unworked documents: the model and a log.
+
+    The log has a record every ``max(1, qs_steps // 30)`` steps: losses, reward, the mixing weight at the answer,
+    the markers' drift, the policy/LM gradient norms (``quiet_star.diagnostics``), and the mean answer NLLs
+    (``answer_nlls``) of the held-out ``probe`` problems.
+    """
+    model = fresh_model(cfg, row, base_dir, seed).train()
+    tokenizer, method = model.tokenizer, model.config
+    init = {"sot": model.start_embedding.detach().clone(), "eot": model.end_embedding.detach().clone()}
+    optimizer = torch.optim.AdamW(build_param_groups(model, cfg.qs_lr, 0.0))
+    schedule = get_constant_schedule_with_warmup(optimizer, max(1, cfg.qs_steps // 15))
+    by_question = {p.unworked: p for p in train}
+    documents = iter_documents(train, 0.0, seed)
+    generator = torch.Generator().manual_seed(seed)
+    every, log, started = max(1, cfg.qs_steps // 30), [], time.perf_counter()
+    for step in tqdm(range(1, cfg.qs_steps + 1), desc=desc, leave=False, mininterval=10):
+        texts = [next(documents) for _ in range(cfg.qs_batch_size)]
+        batch = document_batch(texts, tokenizer)
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        thoughts = oracle_thoughts([by_question[t] for t in texts], ids, method, tokenizer) if row == "oracle" else None
+        if row != "oracle" and (step == 1 or step % every == 0):
+            grads = gradient_norms(model, ids, mask, torch.Generator().manual_seed(seed + step))
+        else:
+            grads = {}
+        out = model(ids, mask, thoughts=thoughts, generator=generator)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step == 1 or step % every == 0:
+            q = answer_position(by_question[texts[0]])
+            held_out = answer_nlls(model, probe, torch.Generator().manual_seed(seed))
+            log.append({"step": step, **out.metrics(), "answer_mixing_weight": float(out.mixing_weights[:, q, :, 0].mean()),
+                        **marker_drift(model, init), **grads, **{f"probe_{k}": sum(v) / len(v) for k, v in held_out.items()},
+                        "seconds": time.perf_counter() - started})
+    return model.eval(), log
+
+
+def _mean_nll(talk_logprobs: torch.Tensor) -> torch.Tensor:
+    """[B, R] -> [B]: the NLL of the mean probability over the R thoughts (the thoughts as a mixture)."""
+    return -(torch.logsumexp(talk_logprobs, dim=1) - math.log(talk_logprobs.shape[1]))
+
+
+@torch.no_grad()
+def answer_nlls(model: QuietStarModel, chunk: list[Problem], generator: torch.Generator) -> dict[str, list[float]]:
+    """Answer-token NLLs of one batch of problems of one hop count: base, own sampled thoughts, another problem's
+    sampled thoughts (shuffled) and the true chain (oracle), each a list over ``chunk``."""
+    tokenizer, cfg = model.tokenizer, model.config
+    batch = document_batch([p.unworked for p in chunk], tokenizer)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    q = answer_position(chunk[0])
+    if any(answer_position(p) != q for p in chunk):
+        raise ValueError("the problems of a batch must have one question length (one hop count)")
+    sampled = model(ids, mask, generator=generator)
+    rolled = sampled.thoughts.roll(1, dims=0)  # every problem gets the thoughts sampled for another
+    shuffled = model(ids, mask, thoughts=rolled)
+    oracle = model(ids, mask, thoughts=oracle_thoughts(chunk, ids, cfg, tokenizer))
+    return {"base_nll": (-sampled.base_logprobs[:, q, 0]).tolist(),
+            "own_sampled_nll": _mean_nll(sampled.talk_logprobs[:, q, :, 0]).tolist(),
+            "shuffled_nll": _mean_nll(shuffled.talk_logprobs[:, q, :, 0]).tolist(),
+            "oracle_nll": _mean_nll(oracle.talk_logprobs[:, q, :, 0]).tolist()}
+
+
+@torch.no_grad()
+def measure(model: QuietStarModel, items: list[Problem], seed: int, batch_size: int = 50) -> dict[str, list]:
+    """Per-item measurements of the answer token of ``items`` (see the module docstring); every list is len(items).
+
+    A thought is read together with the text ``<sot>`` started as (``[`` holds nothing; the task row's ``b`` is the
+    chain's first character), so ``chain_exact`` and ``chain_values`` mean the same for every row.
+    """
+    tokenizer, cfg = model.tokenizer, model.config
+    generator = torch.Generator().manual_seed(seed)
+    opened = cfg.marker_init_text if cfg.marker_init_text.isalnum() else ""
+    out: dict[str, list] = {k: [] for k in ("base_nll", "own_sampled_nll", "shuffled_nll", "oracle_nll", "own_greedy_nll",
+                                            "correct_no_thought", "correct_thought", "chain_exact", "chain_values", "thought")}
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        for name, values in answer_nlls(model, chunk, generator).items():
+            out[name] += values
+        # The library's inference path: the question as a prompt, a greedy thought, then the answer token.
+        ids = document_batch([p.unworked for p in chunk], tokenizer)["input_ids"]
+        q = answer_position(chunk[0])
+        gold = ids[:, q + 1]
+        predicted = predict_continuation(model, ids[:, : q + 1], None, gold[:, None], greedy_thoughts=True)
+        out["own_greedy_nll"] += (-predicted.talk_logprobs[:, 0].gather(-1, gold[:, None])[:, 0]).tolist()
+        out["correct_no_thought"] += (predicted.base_logprobs[:, 0].argmax(-1) == gold).tolist()
+        out["correct_thought"] += (predicted.talk_logprobs[:, 0].argmax(-1) == gold).tolist()
+        for p, thought in zip(chunk, predicted.thoughts[:, 0].tolist()):
+            text = opened + tokenizer.decode(thought, skip_special_tokens=False)
+            out["thought"].append(text)
+            out["chain_exact"].append(p.chain in text)
+            stated = parse_chain(text[text.find(p.names[1]):] if p.names[1] in text else "", p.names)
+            out["chain_values"].append(sum(stated.get(n) == v for n, v in zip(p.names[1:], p.values)) / p.hops)
+    return out

@@ -1,0 +1,236 @@
+"""The testbed's table: every row of both arms, every seed, from one cached base, with standard errors and sign tests.
+
+    quietstar testbed table --out DIR [--eval-split test] [--seeds 4,5,6] ...
+
+writes into ``DIR``:
+
+    config.json                 the TestbedConfig
+    base.json                   the base LM's record and held-out accuracy
+    jobs/<arm>-<row>-s<seed>.json   one row and seed: its per-item measurements and training log (a finished job
+                                is not run again, so an interrupted table resumes where it stopped)
+    table.json, table.md        means over seeds +- standard error, paired comparisons with sign tests
+    own_vs_shuffled.png         held-out answer NLL with own and shuffled thoughts against training step
+    accuracy.png                greedy answer accuracy of every row
+
+Rows run side by side in ``workers`` processes of ``threads`` threads each.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from quietstar.testbed import coconut_arm, quiet_star_arm, task
+from quietstar.testbed.base_lm import base_report, cached_base
+from quietstar.testbed.config import TestbedConfig
+
+PROBE_PROBLEMS = 100  # valid problems scored during Quiet-STaR training (the NLL-against-step curve)
+
+
+def job_name(arm: str, row: str, seed: int) -> str:
+    return f"{arm}-{row}-s{seed}"
+
+
+def run_job(cfg: TestbedConfig, arm: str, row: str, seed: int, base_dir: str, path: str) -> str:
+    """Train one row with one seed from the base, score it on the held-out split, and write ``path``."""
+    torch.set_num_threads(cfg.threads)
+    train = task.problems("train", cfg.base_problems, cfg.hops, cfg.data_seed, cfg.earlier_prob)
+    held_out = task.problems(cfg.eval_split, cfg.eval_problems, cfg.hops, cfg.data_seed, cfg.earlier_prob)
+    desc = job_name(arm, row, seed)
+    if arm == "quietstar":
+        probe = task.problems("valid", PROBE_PROBLEMS, cfg.hops, cfg.data_seed, cfg.earlier_prob)
+        before = quiet_star_arm.measure(quiet_star_arm.fresh_model(cfg, row, base_dir, seed), held_out, seed)
+        model, log = quiet_star_arm.train_row(cfg, row, base_dir, train, probe, seed, desc)
+        record = {"before": before, "after": quiet_star_arm.measure(model, held_out, seed), "log": log}
+    else:
+        model, log = coconut_arm.train_row(cfg, row, base_dir, train, seed, desc)
+        record = {"after": coconut_arm.measure(model, held_out), "log": log}
+    Path(path).write_text(json.dumps({"arm": arm, "row": row, "seed": seed, **record}) + "\n")
+    return path
+
+
+def mean(values) -> float:
+    values = [float(v) for v in values]
+    return sum(values) / len(values)
+
+
+def mean_se(values) -> tuple[float, float]:
+    """Mean and standard error (over seeds); the error is 0 with one value."""
+    values = [float(v) for v in values]
+    m = mean(values)
+    if len(values) < 2:
+        return m, 0.0
+    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1) / len(values))
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Two-sided exact sign test p-value of ``wins`` against ``losses`` (ties dropped)."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(wins, losses) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def paired(a_runs: list[list[float]], b_runs: list[list[float]], lower_is_better: bool) -> dict:
+    """Compare a against b, item by item within each seed: the mean difference a - b over seeds +- SE, and the
+    sign test over all (seed, item) pairs (a wins where it is lower, or higher when ``lower_is_better`` is False)."""
+    diffs = [mean(x) - mean(y) for x, y in zip(a_runs, b_runs)]
+    d, se = mean_se(diffs)
+    wins = losses = 0
+    for x, y in zip(a_runs, b_runs):
+        for u, v in zip(x, y):
+            better = u < v if lower_is_better else u > v
+            worse = u > v if lower_is_better else u < v
+            wins, losses = wins + better, losses + worse
+    return {"difference": d, "se": se, "wins": wins, "losses": losses, "p_sign": sign_test(wins, losses),
+            "beyond_2se": abs(d) > 2 * se and se > 0}
+
+
+QS_METRICS = ("base_nll", "own_sampled_nll", "own_greedy_nll", "shuffled_nll", "oracle_nll", "correct_no_thought",
+              "correct_thought", "chain_exact", "chain_values")
+
+
+def summarise(cfg: TestbedConfig, jobs: dict[tuple[str, str, int], dict]) -> dict:
+    """Per row: each metric's mean +- SE over seeds; the paired comparisons the testbed is about."""
+    seeds = cfg.seed_list
+    quiet, coconut, comparisons = {}, {}, {}
+    for row in cfg.quiet_star_rows:
+        runs = [jobs[("quietstar", row, s)] for s in seeds]
+        quiet[row] = {m: mean_se([mean(r["after"][m]) for r in runs]) for m in QS_METRICS}
+        quiet[row]["before_chain_exact"] = mean_se([mean(r["before"]["chain_exact"]) for r in runs])
+        quiet[row]["before_chain_values"] = mean_se([mean(r["before"]["chain_values"]) for r in runs])
+        quiet[row]["answer_mixing_weight"] = mean_se([r["log"][-1]["answer_mixing_weight"] for r in runs])
+        after = [r["after"] for r in runs]
+        comparisons[f"quietstar/{row}: own sampled vs shuffled thoughts, answer NLL"] = paired(
+            [a["own_sampled_nll"] for a in after], [a["shuffled_nll"] for a in after], lower_is_better=True)
+        comparisons[f"quietstar/{row}: own sampled thoughts vs base, answer NLL"] = paired(
+            [a["own_sampled_nll"] for a in after], [a["base_nll"] for a in after], lower_is_better=True)
+        comparisons[f"quietstar/{row}: greedy accuracy with vs without thoughts"] = paired(
+            [a["correct_thought"] for a in after], [a["correct_no_thought"] for a in after], lower_is_better=False)
+    for row in cfg.coconut_row_list:
+        runs = [jobs[("coconut", row, s)]["after"] for s in seeds]
+        coconut[row] = {"accuracy": mean_se([mean(r["correct"]) for r in runs]),
+                        "generated_tokens": mean_se([mean(r["generated_tokens"]) for r in runs])}
+    for a, b in (("coconut", "no_cot"), ("coconut", "pause_as_thought"), ("coconut", "cot"), ("coconut", "no_curriculum")):
+        if a in coconut and b in coconut:
+            comparisons[f"coconut: {a} vs {b}, accuracy"] = paired(
+                [jobs[("coconut", a, s)]["after"]["correct"] for s in seeds],
+                [jobs[("coconut", b, s)]["after"]["correct"] for s in seeds], lower_is_better=False)
+    return {"seeds": list(seeds), "split": cfg.eval_split, "items": cfg.eval_problems, "hops": cfg.hops,
+            "quietstar": quiet, "coconut": coconut, "comparisons": comparisons}
+
+
+def _cell(value: tuple[float, float], percent: bool = False) -> str:
+    m, se = value
+    return f"{100 * m:.1f} ± {100 * se:.1f}" if percent else f"{m:.3f} ± {se:.3f}"
+
+
+def markdown(summary: dict, base: dict) -> str:
+    """table.md: the base, both arms' rows and the comparisons."""
+    lines = [f"# Reasoning testbed: {summary['hops']} hops, {summary['items']} {summary['split']} problems, "
+             f"seeds {', '.join(map(str, summary['seeds']))}", "",
+             f"Base LM: greedy accuracy {100 * base['free_accuracy']:.1f} % as it likes (opens the aside "
+             f"{100 * base['opened_aside']:.1f} %), {100 * base['direct_accuracy']:.1f} % answering at once, "
+             f"{100 * base['worked_accuracy']:.1f} % when the aside is opened for it.", ""]
+    if summary["quietstar"]:
+        lines += ["## Quiet-STaR (answer token after `?`; mean ± SE over seeds)", "",
+                  "| row | base NLL | own sampled | own greedy | shuffled | oracle chain | acc. no thought % | acc. thought % "
+                  "| chain exact before → after % | mixing weight |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for row, r in summary["quietstar"].items():
+            lines.append(f"| {row} | {_cell(r['base_nll'])} | {_cell(r['own_sampled_nll'])} | {_cell(r['own_greedy_nll'])} | "
+                         f"{_cell(r['shuffled_nll'])} | {_cell(r['oracle_nll'])} | {_cell(r['correct_no_thought'], True)} | "
+                         f"{_cell(r['correct_thought'], True)} | {_cell(r['before_chain_exact'], True)} → "
+                         f"{_cell(r['chain_exact'], True)} | {_cell(r['answer_mixing_weight'])} |")
+        lines.append("")
+    if summary["coconut"]:
+        lines += ["## Coconut (greedy accuracy, generated tokens incl. latents; mean ± SE over seeds)", "",
+                  "| row | accuracy % | generated tokens |", "|---|---|---|"]
+        for row, r in summary["coconut"].items():
+            lines.append(f"| {row} | {_cell(r['accuracy'], True)} | {r['generated_tokens'][0]:.1f} |")
+        lines.append("")
+    lines += ["## Paired comparisons (a - b over seeds ± SE; sign test over seed × item pairs)", "",
+              "| comparison | a - b | wins / losses | sign-test p | beyond 2 SE |", "|---|---|---|---|---|"]
+    for name, c in summary["comparisons"].items():
+        lines.append(f"| {name} | {c['difference']:+.3f} ± {c['se']:.3f} | {c['wins']} / {c['losses']} | {c['p_sign']:.2g} | "
+                     f"{'yes' if c['beyond_2se'] else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+def plots(cfg: TestbedConfig, jobs: dict, summary: dict, out: Path) -> None:
+    """own_vs_shuffled.png (held-out NLL against step, mean over seeds) and accuracy.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in cfg.quiet_star_rows if r != "oracle"]
+    if rows:
+        fig, axes = plt.subplots(1, len(rows), figsize=(4 * len(rows), 3.2), squeeze=False, sharey=True)
+        for ax, row in zip(axes[0], rows):
+            logs = [jobs[("quietstar", row, s)]["log"] for s in cfg.seed_list]
+            steps = [entry["step"] for entry in logs[0]]
+            for key, label in (("probe_own_sampled_nll", "own thoughts"), ("probe_shuffled_nll", "shuffled thoughts"),
+                               ("probe_base_nll", "no thought (base)")):
+                ax.plot(steps, [mean(log[i][key] for log in logs) for i in range(len(steps))], label=label)
+            ax.set_title(row)
+            ax.set_xlabel("training step")
+        axes[0][0].set_ylabel("held-out answer NLL (nats)")
+        axes[0][-1].legend()
+        fig.tight_layout()
+        fig.savefig(out / "own_vs_shuffled.png", dpi=110)
+        plt.close(fig)
+    names, values, errors = [], [], []
+    for row, r in summary["quietstar"].items():
+        names += [f"QS {row}\nno thought", f"QS {row}\nthought"]
+        values += [r["correct_no_thought"][0], r["correct_thought"][0]]
+        errors += [r["correct_no_thought"][1], r["correct_thought"][1]]
+    for row, r in summary["coconut"].items():
+        names.append(f"Coconut\n{row}")
+        values.append(r["accuracy"][0])
+        errors.append(r["accuracy"][1])
+    if names:
+        fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(names)), 3.6))
+        ax.bar(range(len(names)), [100 * v for v in values], yerr=[100 * e for e in errors], capsize=3)
+        ax.set_xticks(range(len(names)), names, fontsize=7)
+        ax.set_ylabel(f"greedy answer accuracy % ({summary['hops']} hops)")
+        ax.set_ylim(0, 100)
+        fig.tight_layout()
+        fig.savefig(out / "accuracy.png", dpi=110)
+        plt.close(fig)
+
+
+def run_table(cfg: TestbedConfig, out: Path, cache: Path) -> dict:
+    """Train the base (or find it in ``cache``), run every missing job, then write the table and plots into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "jobs").mkdir(exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
+    torch.set_num_threads(cfg.threads)
+    train = task.problems("train", cfg.base_problems, cfg.hops, cfg.data_seed, cfg.earlier_prob)
+    held_out = task.problems(cfg.eval_split, cfg.eval_problems, cfg.hops, cfg.data_seed, cfg.earlier_prob)
+    _, base_dir = cached_base(cfg, train, cache)
+    base = base_report(cfg, train, held_out, cache)
+    (out / "base.json").write_text(json.dumps(base, indent=1) + "\n")
+    wanted = [("quietstar", row, s) for row in cfg.quiet_star_rows for s in cfg.seed_list]
+    wanted += [("coconut", row, s) for row in cfg.coconut_row_list for s in cfg.seed_list]
+    path = {key: out / "jobs" / f"{job_name(*key)}.json" for key in wanted}
+    missing = [key for key in wanted if not path[key].is_file()]
+    if missing:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=min(cfg.workers, len(missing)), mp_context=context) as pool:
+            futures = [pool.submit(run_job, cfg, *key, str(base_dir), str(path[key])) for key in missing]
+            for future in tqdm(futures, desc="testbed jobs", unit="job"):
+                future.result()
+    jobs = {key: json.loads(path[key].read_text()) for key in wanted}
+    summary = summarise(cfg, jobs)
+    (out / "table.json").write_text(json.dumps({"base": base, **summary}, indent=1) + "\n")
+    (out / "table.md").write_text(markdown(summary, base))
+    plots(cfg, jobs, summary, out)
+    print((out / "table.md").read_text())
+    return summary
