@@ -50,6 +50,8 @@ def test_policy_temperature_follows_sample_temperature_unless_set():
         ("loss_reduction", "mean"),
         ("marker_init_text", ""),
         ("marker_init_text", None),
+        ("end_marker_init_text", " "),
+        ("end_marker_init_text", 5),
     ],
 )
 def test_invalid_field_is_rejected_by_name(field, value):

@@ -119,6 +119,18 @@ def test_marker_text_that_tokenizes_to_nothing_is_rejected():
         ThoughtEmbeddings.from_text(tiny_lm("llama").get_input_embeddings(), empty_tokenizer, "@@")
 
 
+def test_markers_start_at_their_own_texts():
+    """``<sot>`` at the mean embedding of ``marker_init_text``, ``<eot>`` at that of ``end_marker_init_text``."""
+    lm, tokenizer = tiny_lm("llama"), tiny_tokenizer()
+    rows = lm.get_input_embeddings().weight.detach()
+    both = QuietStarModel(lm, tokenizer, QuietStarConfig(marker_init_text="the sum"))
+    torch.testing.assert_close(both.start_embedding.detach(), rows[[WORDS.index("the"), WORDS.index("sum")]].mean(0))
+    torch.testing.assert_close(both.end_embedding.detach(), both.start_embedding.detach())
+    apart = QuietStarModel(tiny_lm("llama"), tokenizer, QuietStarConfig(marker_init_text="x", end_marker_init_text="y"))
+    torch.testing.assert_close(apart.start_embedding.detach(), rows[WORDS.index("x")])
+    torch.testing.assert_close(apart.end_embedding.detach(), rows[WORDS.index("y")])
+
+
 def test_bad_inputs_are_rejected(model):
     ids, mask = padded_batch()
     left = mask.flip(dims=[1])
