@@ -219,6 +219,24 @@ def test_teacher_forced_talk_logprobs_equal_the_training_forward_given_the_same_
         assert float(pred.base_logprobs[0, j, target]) == pytest.approx(float(out.base_logprobs[0, P - 1 + j, 0]), abs=1e-5)
 
 
+@torch.no_grad()
+def test_forced_thoughts_are_thought_as_given_and_score_as_the_training_forward():
+    """``forced_thoughts`` replaces the sampled thought token for token; its talk log-probs equal the training forward's."""
+    model = eval_model()
+    ids = torch.tensor([[20, 5, 7, 22, 9, 12, 6], [8, 11, 4, 19, 13, 10, 21]])
+    P, cfg = 4, model.config
+    forced = torch.randint(3, 20, (2, ids.shape[1] - P, cfg.thought_len), generator=torch.Generator().manual_seed(3))
+    pred = predict_continuation(model, ids[:, :P], None, ids[:, P:], forced_thoughts=forced)
+    assert torch.equal(pred.thoughts, forced)
+    thoughts = torch.randint(3, 20, (2, ids.shape[1], cfg.n_thoughts, cfg.thought_len))
+    thoughts[:, P - 1:-1, 0] = forced
+    out = model(ids, thoughts=thoughts)
+    talk = pred.talk_logprobs.gather(-1, ids[:, P:, None])[..., 0]
+    torch.testing.assert_close(talk, out.talk_logprobs[:, P - 1:-1, 0, 0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="forced_thoughts must be"):
+        predict_continuation(model, ids[:, :P], None, ids[:, P:], forced_thoughts=forced[:, :1])
+
+
 # --- the command -------------------------------------------------------------------------------------
 
 

@@ -64,17 +64,21 @@ class ThinkingCache:
         out = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=position[:, None], past_key_values=self.cache, use_cache=True)
         return out.last_hidden_state[:, -1]
 
-    def think(self, greedy_thoughts: bool, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.LongTensor]:
+    def think(self, greedy_thoughts: bool, generator: torch.Generator | None,
+              forced: torch.LongTensor | None = None) -> tuple[torch.Tensor, torch.LongTensor]:
         """Think after the last token, then forget the thought.
 
+        ``forced`` [B, M], if given, is the thought (teacher forced) instead of one chosen by the model.
         Returns the talk hidden state [B, H] that predicts x_{t+1}, and the thought [B, M].
         """
         cfg = self.model.config
+        if forced is not None and tuple(forced.shape) != (self.batch, cfg.thought_len):
+            raise ValueError(f"forced thoughts must be [B, M] = [{self.batch}, {cfg.thought_len}], got {list(forced.shape)}")
         thought = []
         mask = torch.cat([self.mask, self._one], dim=1)
         h = self._feed(self.model.thought_embeddings("start", self.batch, 1), self.last + 1, mask)
         for i in range(cfg.thought_len):
-            z = choose_tokens(self.lm_head(h), greedy_thoughts, cfg.sample_temperature, generator)  # [B]
+            z = forced[:, i] if forced is not None else choose_tokens(self.lm_head(h), greedy_thoughts, cfg.sample_temperature, generator)
             thought.append(z)
             mask = torch.cat([mask, self._one], dim=1)
             h = self._feed(self.embed(z[:, None]), self.last + 2 + i, mask)
@@ -176,23 +180,29 @@ def predict_continuation(
     *,
     thoughts: bool = True,
     greedy_thoughts: bool = False,
+    forced_thoughts: torch.LongTensor | None = None,
     generator: torch.Generator | None = None,
 ) -> ContinuationPrediction:
     """Teacher-force ``continuation`` [B, T] after the left-padded prompts and predict each of its tokens.
 
     Step j predicts continuation[:, j] from the prompt and continuation[:, :j]; with
-    ``thoughts`` a fresh thought is sampled before every step, as ``generate`` does.
+    ``thoughts`` a fresh thought is sampled before every step, as ``generate`` does, or
+    ``forced_thoughts[:, j]`` is thought there when given ([B, T, M]: e.g. another item's
+    thoughts, the shuffled-thought control).
     Rows with shorter continuations may pad theirs on the right with any token: the
     predictions after their end are simply not read.
     """
     if continuation.ndim != 2 or continuation.shape[0] != input_ids.shape[0] or continuation.shape[1] == 0:
         raise ValueError(f"continuation must be [B, T] with T >= 1 and the prompts' B, got {list(continuation.shape)}")
+    if forced_thoughts is not None and (not thoughts or forced_thoughts.shape[:2] != continuation.shape):
+        raise ValueError(f"forced_thoughts must be [B, T, M] for the continuation's [B, T] = {list(continuation.shape)}, "
+                         f"with thoughts on; got {list(forced_thoughts.shape)}")
     state = ThinkingCache(model, input_ids, attention_mask)
     base, talk, all_thoughts = [], [], []
     for j in range(continuation.shape[1]):
         base.append(torch.log_softmax(state.lm_head(state.h_base).float(), dim=-1))
         if thoughts:
-            hidden, thought = state.think(greedy_thoughts, generator)
+            hidden, thought = state.think(greedy_thoughts, generator, None if forced_thoughts is None else forced_thoughts[:, j])
             talk.append(torch.log_softmax(state.lm_head(hidden).float(), dim=-1))
             all_thoughts.append(thought)
         if j < continuation.shape[1] - 1:

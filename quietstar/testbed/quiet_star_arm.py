@@ -1,13 +1,14 @@
 """The testbed's Quiet-STaR arm: continued pretraining of the base on unworked documents, then the held-out measurements.
 
 A row fixes the markers and the objective (``ROWS``); ``train_row`` runs it for ``qs_steps`` steps from the
-cached base, and ``measure`` scores the answer token of every held-out problem (the token after ``?``):
+cached base, and ``measure`` scores the answer token of every held-out problem (the token after ``?``) through
+the library's inference path (``quiet_star.generation.ThinkingCache``: the question on a KV cache, a thought at
+``?``, the mixed prediction of the answer):
 
 - answer NLL of the base prediction, of the talk prediction after the model's own sampled thoughts, after its
   greedy thought, after another problem's sampled thoughts (shuffled: the control), and after the true chain
   (the oracle thought);
-- greedy answer accuracy without thoughts (the LM alone) and with greedy thoughts (``quiet_star.generation``,
-  the library's inference path), paired on the same problems;
+- greedy answer accuracy without thoughts (the LM alone) and with the greedy thought, paired on the same problems;
 - what the greedy thought at ``?`` holds: the exact chain, and the share of intermediate values it states correctly.
 
 Everything is per item, so rows and seeds can be compared pairwise (``testbed.table``).
@@ -25,7 +26,7 @@ from transformers import AutoModelForCausalLM, get_constant_schedule_with_warmup
 from quietstar.core.optim import build_param_groups
 from quietstar.quiet_star.config import QuietStarConfig
 from quietstar.quiet_star.diagnostics import gradient_norms
-from quietstar.quiet_star.generation import predict_continuation
+from quietstar.quiet_star.generation import ThinkingCache
 from quietstar.quiet_star.model import QuietStarModel
 from quietstar.testbed.base_lm import document_batch
 from quietstar.testbed.config import TestbedConfig
@@ -90,8 +91,8 @@ def train_row(cfg: TestbedConfig, row: str, base_dir, train: list[Problem], prob
     """Quiet-STaR continued pretraining of the base in ``base_dir`` on unworked documents: the model and a log.
 
     The log has a record every ``max(1, qs_steps // 30)`` steps: losses, reward, the mixing weight at the answer,
-    the markers' drift, the policy/LM gradient norms (``quiet_star.diagnostics``), and the mean answer NLLs
-    (``answer_nlls``) of the held-out ``probe`` problems.
+    the markers' drift, the policy/LM gradient norms (``quiet_star.diagnostics``, every third record), and the mean answer NLLs
+    (``answer_scores``) of the held-out ``probe`` problems.
     """
     model = fresh_model(cfg, row, base_dir, seed).train()
     tokenizer, method = model.tokenizer, model.config
@@ -107,7 +108,7 @@ def train_row(cfg: TestbedConfig, row: str, base_dir, train: list[Problem], prob
         batch = document_batch(texts, tokenizer)
         ids, mask = batch["input_ids"], batch["attention_mask"]
         thoughts = oracle_thoughts([by_question[t] for t in texts], ids, method, tokenizer) if row == "oracle" else None
-        if row != "oracle" and (step == 1 or step % every == 0):
+        if row != "oracle" and (step == 1 or step % (3 * every) == 0):  # an extra forward and two backwards: a third as often
             grads = gradient_norms(model, ids, mask, torch.Generator().manual_seed(seed + step))
         else:
             grads = {}
@@ -119,41 +120,60 @@ def train_row(cfg: TestbedConfig, row: str, base_dir, train: list[Problem], prob
         optimizer.zero_grad(set_to_none=True)
         if step == 1 or step % every == 0:
             q = answer_position(by_question[texts[0]])
-            held_out = answer_nlls(model, probe, torch.Generator().manual_seed(seed))
+            held_out = answer_scores(model, probe, torch.Generator().manual_seed(seed))
+            held_out.pop("greedy_thought")
             log.append({"step": step, **out.metrics(), "answer_mixing_weight": float(out.mixing_weights[:, q, :, 0].mean()),
-                        **marker_drift(model, init), **grads, **{f"probe_{k}": sum(v) / len(v) for k, v in held_out.items()},
+                        **marker_drift(model, init), **grads, **{f"probe_{k}": sum(map(float, v)) / len(v) for k, v in held_out.items()},
                         "seconds": time.perf_counter() - started})
     return model.eval(), log
 
 
-def _mean_nll(talk_logprobs: torch.Tensor) -> torch.Tensor:
-    """[B, R] -> [B]: the NLL of the mean probability over the R thoughts (the thoughts as a mixture)."""
-    return -(torch.logsumexp(talk_logprobs, dim=1) - math.log(talk_logprobs.shape[1]))
+def _logprob(state: ThinkingCache, hidden: torch.Tensor, gold: torch.LongTensor) -> torch.Tensor:
+    """log p(gold) [B] of the prediction read from ``hidden`` [B, H]."""
+    return torch.log_softmax(state.lm_head(hidden).float(), dim=-1).gather(-1, gold[:, None])[:, 0]
 
 
 @torch.no_grad()
-def answer_nlls(model: QuietStarModel, chunk: list[Problem], generator: torch.Generator) -> dict[str, list[float]]:
-    """Answer-token NLLs of one batch of problems of one hop count: base, own sampled thoughts, another problem's
-    sampled thoughts (shuffled) and the true chain (oracle), each a list over ``chunk``."""
+def answer_scores(model: QuietStarModel, chunk: list[Problem], generator: torch.Generator) -> dict[str, list]:
+    """The answer-token measurements of one batch of problems of one hop count, each a list over ``chunk``.
+
+    All on one KV cache of the questions (``quiet_star.generation.ThinkingCache``, the library's inference path),
+    thinking at ``?`` several times: R sampled thoughts (their NLL is that of the mean probability: the thoughts as a
+    mixture), the same thoughts moved to the next problem of the batch (shuffled), the true chain (oracle), and the
+    greedy thought, which also gives the greedy answer with and without thinking: the most likely of the ten digits
+    (the base LM puts most of its mass on opening an aside, ``[``, which is no answer).
+    """
     tokenizer, cfg = model.tokenizer, model.config
-    batch = document_batch([p.unworked for p in chunk], tokenizer)
-    ids, mask = batch["input_ids"], batch["attention_mask"]
     q = answer_position(chunk[0])
     if any(answer_position(p) != q for p in chunk):
         raise ValueError("the problems of a batch must have one question length (one hop count)")
-    sampled = model(ids, mask, generator=generator)
-    rolled = sampled.thoughts.roll(1, dims=0)  # every problem gets the thoughts sampled for another
-    shuffled = model(ids, mask, thoughts=rolled)
-    oracle = model(ids, mask, thoughts=oracle_thoughts(chunk, ids, cfg, tokenizer))
-    return {"base_nll": (-sampled.base_logprobs[:, q, 0]).tolist(),
-            "own_sampled_nll": _mean_nll(sampled.talk_logprobs[:, q, :, 0]).tolist(),
-            "shuffled_nll": _mean_nll(shuffled.talk_logprobs[:, q, :, 0]).tolist(),
-            "oracle_nll": _mean_nll(oracle.talk_logprobs[:, q, :, 0]).tolist()}
+    ids = document_batch([p.question for p in chunk], tokenizer)["input_ids"][:, : q + 1]  # the questions, no <eos>
+    gold = torch.tensor([tokenizer.convert_tokens_to_ids(p.answer) for p in chunk])
+    state = ThinkingCache(model, ids)
+    base = torch.log_softmax(state.lm_head(state.h_base).float(), dim=-1)
+    own, shuffled = [], []
+    for _ in range(cfg.n_thoughts):
+        hidden, thought = state.think(False, generator)
+        own.append(_logprob(state, hidden, gold))
+        shuffled.append(_logprob(state, state.think(False, None, forced=thought.roll(1, dims=0))[0], gold))
+    oracle = oracle_thoughts(chunk, ids[:, :1], cfg, tokenizer)[:, 0, 0]  # [B, M]
+    oracle_logprob = _logprob(state, state.think(False, None, forced=oracle)[0], gold)
+    greedy_hidden, greedy_thought = state.think(True, None)
+    greedy = torch.log_softmax(state.lm_head(greedy_hidden).float(), dim=-1)
+    digits = torch.tensor(tokenizer.convert_tokens_to_ids(list("0123456789")))
+    answered = lambda logprobs: (digits[logprobs[:, digits].argmax(-1)] == gold).tolist()  # noqa: E731
+    mixture = lambda logprobs: -(torch.logsumexp(torch.stack(logprobs), dim=0) - math.log(len(logprobs)))  # noqa: E731
+    return {"base_nll": (-base.gather(-1, gold[:, None])[:, 0]).tolist(), "own_sampled_nll": mixture(own).tolist(),
+            "shuffled_nll": mixture(shuffled).tolist(), "oracle_nll": (-oracle_logprob).tolist(),
+            "own_greedy_nll": (-greedy.gather(-1, gold[:, None])[:, 0]).tolist(),
+            "correct_no_thought": answered(base), "correct_thought": answered(greedy),
+            "greedy_thought": greedy_thought.tolist()}
 
 
 @torch.no_grad()
-def measure(model: QuietStarModel, items: list[Problem], seed: int, batch_size: int = 50) -> dict[str, list]:
-    """Per-item measurements of the answer token of ``items`` (see the module docstring); every list is len(items).
+def measure(model: QuietStarModel, items: list[Problem], seed: int, batch_size: int = 100) -> dict[str, list]:
+    """Per-item measurements of the answer token of ``items`` (``answer_scores``, and what the greedy thought holds);
+    every list is len(items).
 
     A thought is read together with the text ``<sot>`` started as (``[`` holds nothing; the task row's ``b`` is the
     chain's first character), so ``chain_exact`` and ``chain_values`` mean the same for every row.
@@ -161,24 +181,16 @@ def measure(model: QuietStarModel, items: list[Problem], seed: int, batch_size: 
     tokenizer, cfg = model.tokenizer, model.config
     generator = torch.Generator().manual_seed(seed)
     opened = cfg.marker_init_text if cfg.marker_init_text.isalnum() else ""
-    out: dict[str, list] = {k: [] for k in ("base_nll", "own_sampled_nll", "shuffled_nll", "oracle_nll", "own_greedy_nll",
-                                            "correct_no_thought", "correct_thought", "chain_exact", "chain_values", "thought")}
+    out: dict[str, list] = {}
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
-        for name, values in answer_nlls(model, chunk, generator).items():
-            out[name] += values
-        # The library's inference path: the question as a prompt, a greedy thought, then the answer token.
-        ids = document_batch([p.unworked for p in chunk], tokenizer)["input_ids"]
-        q = answer_position(chunk[0])
-        gold = ids[:, q + 1]
-        predicted = predict_continuation(model, ids[:, : q + 1], None, gold[:, None], greedy_thoughts=True)
-        out["own_greedy_nll"] += (-predicted.talk_logprobs[:, 0].gather(-1, gold[:, None])[:, 0]).tolist()
-        out["correct_no_thought"] += (predicted.base_logprobs[:, 0].argmax(-1) == gold).tolist()
-        out["correct_thought"] += (predicted.talk_logprobs[:, 0].argmax(-1) == gold).tolist()
-        for p, thought in zip(chunk, predicted.thoughts[:, 0].tolist()):
+        scores = answer_scores(model, chunk, generator)
+        for p, thought in zip(chunk, scores.pop("greedy_thought")):
             text = opened + tokenizer.decode(thought, skip_special_tokens=False)
-            out["thought"].append(text)
-            out["chain_exact"].append(p.chain in text)
             stated = parse_chain(text[text.find(p.names[1]):] if p.names[1] in text else "", p.names)
-            out["chain_values"].append(sum(stated.get(n) == v for n, v in zip(p.names[1:], p.values)) / p.hops)
+            scores.setdefault("thought", []).append(text)
+            scores.setdefault("chain_exact", []).append(p.chain in text)
+            scores.setdefault("chain_values", []).append(sum(stated.get(n) == v for n, v in zip(p.names[1:], p.values)) / p.hops)
+        for name, values in scores.items():
+            out.setdefault(name, []).extend(values)
     return out
