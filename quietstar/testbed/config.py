@@ -71,8 +71,8 @@ class TestbedConfig:
     base_batch_size: int = 64
     base_lr: float = 1e-3
     base_seed: int = 0
-    qs_rows: str = "delimiters,default_markers,task_markers,oracle"
-    qs_steps: int = 150
+    qs_rows: str = "delimiters,default_markers,task_markers,oracle,reference_objective"
+    qs_steps: int = 100
     qs_batch_size: int = 16
     qs_lr: float = 1e-4
     qs_thought_len: int = 0
