@@ -141,11 +141,13 @@ def csqa_records() -> list[dict]:
     return [record("the sum of 3 and 4 is", "A"), record("half of 8", "B"), record("x plus y", "E")]
 
 
-def talk_logprobs_by_hand(model, prefix: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(base, talk) log-probs [V] of the token after ``prefix``, with the greedy thought, from the plain model."""
+def talk_logprobs_by_hand(model, prefix: list[int], thought_of: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(base, talk) log-probs [V] of the token after ``prefix``, with the greedy thought (the one the model would
+    think after ``thought_of``, when given), from the plain model."""
     embed, lm_head = model.lm.get_input_embeddings(), model.lm.get_output_embeddings()
     ids = torch.tensor(prefix)
-    thought = independent_greedy_thought(model.lm, model.start_embedding, ids, model.config.thought_len)
+    source = ids if thought_of is None else torch.tensor(thought_of)
+    thought = independent_greedy_thought(model.lm, model.start_embedding, source, model.config.thought_len)
     h_base = sequence_hidden(model.lm, embed(ids))[-1]
     seq = torch.cat([embed(ids), model.start_embedding[None], embed(torch.tensor(thought)), model.end_embedding[None]])
     talk, _ = model.mixing_head(h_base, sequence_hidden(model.lm, seq)[-1])
@@ -166,6 +168,20 @@ def test_csqa_score_is_the_renormalised_letter_probability_computed_by_hand():
             assert float(scores[mode][b]) == pytest.approx(float(probs[gold].log()), rel=1e-5, abs=1e-5), (b, mode)
             assert bool(scores[f"{mode}_correct"][b]) == (int(probs.argmax()) == gold)
     assert not torch.allclose(scores["base"], scores["thoughts"])  # the live head makes the thought matter
+
+
+@torch.no_grad()
+def test_the_shuffled_control_scores_each_item_with_the_previous_items_thought_computed_by_hand():
+    model = eval_model()
+    items = [csqa_item(r, f"line {i}") for i, r in enumerate(csqa_records())]
+    scores = gold_logprobs(model, items, samples=2, greedy_thoughts=True)
+    letters = [EVAL_WORDS.index(label) for label in "ABCDE"]
+    prompts = [model.tokenizer(item.prompt)["input_ids"] for item in items]
+    for b, item in enumerate(items):
+        _, talk = talk_logprobs_by_hand(model, prompts[b], thought_of=prompts[b - 1])  # item 0 gets the last item's
+        probs = talk[letters].softmax(-1)
+        assert float(scores["shuffled"][b]) == pytest.approx(float(probs["ABCDE".index(item.gold)].log()), rel=1e-5, abs=1e-5)
+    assert not torch.allclose(scores["shuffled"], scores["thoughts"])
 
 
 @torch.no_grad()
@@ -267,8 +283,11 @@ def test_eval_cli_writes_the_contract_report(tmp_path, capsys, task):
             assert 0.0 <= report[mode][key] <= 1.0, (mode, key)
     gains = [item["thoughts"]["gold_logprob"] - item["base"]["gold_logprob"] for item in report["items"]]
     assert report["paired"]["gold_logprob_gain"] == pytest.approx(sum(gains) / len(gains))
+    over = [item["thoughts"]["gold_logprob"] - item["shuffled"]["gold_logprob"] for item in report["items"]]
+    assert report["paired"]["gold_logprob_gain_over_shuffled"] == pytest.approx(sum(over) / len(over))
+    assert 0.0 <= report["shuffled"]["score"] <= 1.0
     printed = capsys.readouterr().out
-    assert "exact match (greedy)" in printed and "score (P of gold)" in printed
+    assert "exact match (greedy)" in printed and "score (P of gold)" in printed and "thoughts - shuffled thoughts" in printed
     # the recorded base completion is transformers' greedy decoding of the prompt, up to the first newline/EOS
     first = read_jsonl(data, task, 1)[0]
     prompt = model.tokenizer(first.prompt, return_tensors="pt")["input_ids"]

@@ -12,7 +12,9 @@ thought before every answer token, mixed in by the mixing head):
                   is averaged over ``thought_samples`` independent draws.
     exact_match   greedy decoding, then answer extraction (``eval_tasks``), against the gold.
 
-Also reported: ``gold_logprob`` (the mean log of the score's probability), for
+The control ``shuffled``: the score with each item's thoughts moved to another item of its batch; a gain of
+``thoughts`` over ``shuffled`` is the thoughts' content, not the mixing head (the perplexity report has the same
+control). Also reported: ``gold_logprob`` (the mean log of the score's probability), for
 CommonsenseQA ``choice_accuracy`` (the gold letter has the highest probability),
 standard errors, ``paired`` (thoughts vs. base item by item: the mean gain in
 log P(gold) and its standard error, which resolve far smaller effects than the
@@ -125,11 +127,13 @@ def left_padded(tokenizer, texts: list[str], device: torch.device) -> tuple[torc
 
 def gold_logprobs(model: QuietStarModel, items: list[EvalItem], samples: int, *, greedy_thoughts: bool = False,
                   generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    """log P(gold) of each item [B], for ``base`` and averaged over ``samples`` thought draws for ``thoughts``.
+    """log P(gold) of each item [B], for ``base``, averaged over ``samples`` thought draws for ``thoughts``, and for
+    ``shuffled``: the same thought draws, each thought before an answer token moved to the next item of the batch
+    (the control: thoughts that are not about this question; an item alone in its batch keeps its own).
 
     GSM8K: the gold answer " N" teacher forced after the prompt, summed over its tokens.
     CommonsenseQA: the gold letter's probability renormalised over the item's letters.
-    ``thoughts`` averages probabilities (not log-probabilities) over the draws.
+    ``thoughts`` and ``shuffled`` average probabilities (not log-probabilities) over the draws.
     Also, for CommonsenseQA, ``*_correct`` [B]: the gold letter has the highest probability.
     """
     tokenizer, device = model.tokenizer, next(model.parameters()).device
@@ -144,13 +148,14 @@ def gold_logprobs(model: QuietStarModel, items: list[EvalItem], samples: int, *,
             continuation[i, : len(a)] = torch.tensor(a)
             answer_mask[i, : len(a)] = True
     # every item once per draw: rows [item 0 draw 0, item 0 draw 1, ..., item 1 draw 0, ...]
-    pred = predict_continuation(model, ids.repeat_interleave(samples, 0), mask.repeat_interleave(samples, 0),
-                                continuation.repeat_interleave(samples, 0), greedy_thoughts=greedy_thoughts, generator=generator)
+    rows = (ids.repeat_interleave(samples, 0), mask.repeat_interleave(samples, 0), continuation.repeat_interleave(samples, 0))
+    pred = predict_continuation(model, *rows, greedy_thoughts=greedy_thoughts, generator=generator)
+    moved = predict_continuation(model, *rows, forced_thoughts=pred.thoughts.roll(samples, dims=0))
     if items[0].labels:
         letters = torch.tensor([choice_token_ids(tokenizer, item.labels) for item in items], device=device)  # [B, C]
         gold = torch.tensor([item.labels.index(item.gold) for item in items], device=device)
     out = {}
-    for mode, logprobs in (("base", pred.base_logprobs[::samples]), ("thoughts", pred.talk_logprobs)):
+    for mode, logprobs in (("base", pred.base_logprobs[::samples]), ("thoughts", pred.talk_logprobs), ("shuffled", moved.talk_logprobs)):
         if items[0].labels:
             letter_logprobs = logprobs[:, 0].gather(1, letters.repeat_interleave(len(logprobs) // len(items), 0))
             probs = letter_logprobs.softmax(dim=-1).view(len(items), -1, letters.shape[1]).mean(dim=1)  # [B, C]
@@ -246,6 +251,10 @@ def evaluate(model: QuietStarModel, items: list[EvalItem], config: EvalConfig, p
                                     "exact_match": answer == item.gold}
                 if f"{mode}_correct" in logprobs:
                     results[i][mode]["choice_correct"] = bool(logprobs[f"{mode}_correct"][row])
+                if mode == "thoughts":
+                    results[i]["shuffled"] = {"gold_logprob": float(logprobs["shuffled"][row])}
+                    if "shuffled_correct" in logprobs:
+                        results[i]["shuffled"]["choice_correct"] = bool(logprobs["shuffled_correct"][row])
             if config.cot_samples:
                 started = time.perf_counter()
                 chains, _ = completions(
@@ -273,12 +282,20 @@ def evaluate(model: QuietStarModel, items: list[EvalItem], config: EvalConfig, p
         if config.cot_samples:
             report[mode]["cot_majority"] = sum(r["cot_correct"] for r in rows) / len(rows)
         report[mode]["generation_tokens_per_s"] = generated[mode] / max(seconds[f"generate_{mode}"], 1e-9)
+    shuffled = [r["shuffled"] for r in results]
+    score, score_se = _stats([math.exp(r["gold_logprob"]) for r in shuffled])
+    report["shuffled"] = {"score": score, "score_stderr": score_se, "gold_logprob": sum(r["gold_logprob"] for r in shuffled) / len(shuffled)}
+    if "choice_correct" in shuffled[0]:
+        report["shuffled"]["choice_accuracy"] = sum(r["choice_correct"] for r in shuffled) / len(shuffled)
     gains = [r["thoughts"]["gold_logprob"] - r["base"]["gold_logprob"] for r in results]
     gain, gain_se = _stats(gains)
-    report["paired"] = {  # thoughts vs. base on the same items
+    own_gains = [r["thoughts"]["gold_logprob"] - r["shuffled"]["gold_logprob"] for r in results]
+    own_gain, own_gain_se = _stats(own_gains)
+    report["paired"] = {  # thoughts vs. base, and vs. shuffled thoughts, on the same items
         "gold_logprob_gain": gain, "gold_logprob_gain_stderr": gain_se,
         "improved_fraction": sum(g > 0 for g in gains) / len(gains),
         "same_answer_fraction": sum(r["thoughts"]["answer"] == r["base"]["answer"] for r in results) / len(results),
+        "gold_logprob_gain_over_shuffled": own_gain, "gold_logprob_gain_over_shuffled_stderr": own_gain_se,
     }
     report["settings"] = {**dataclasses.asdict(config), "max_new_tokens": config.new_tokens,
                           "thought_len": model.config.thought_len, "sample_temperature": model.config.sample_temperature}
@@ -305,6 +322,9 @@ def format_table(report: dict) -> str:
     paired = report["paired"]
     lines.append(f"thoughts - base, per item: log P(gold) {paired['gold_logprob_gain']:+.4f} ± {paired['gold_logprob_gain_stderr']:.4f}, "
                  f"higher on {100 * paired['improved_fraction']:.0f}% of items; same extracted answer on {100 * paired['same_answer_fraction']:.0f}%")
+    lines.append(f"thoughts - shuffled thoughts (another item's), per item: log P(gold) "
+                 f"{paired['gold_logprob_gain_over_shuffled']:+.4f} ± {paired['gold_logprob_gain_over_shuffled_stderr']:.4f} "
+                 f"(the gain the thoughts' content gives, the mixing head's share removed)")
     return "\n".join(lines)
 
 
