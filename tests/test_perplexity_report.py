@@ -19,6 +19,7 @@ from quietstar.evaluation.perplexity import (
     TokenScores,
     Window,
     difficulty_bins,
+    heldout_nll,
     main,
     make_windows,
     shuffle_thoughts,
@@ -111,6 +112,26 @@ def test_cli_writes_the_three_files_with_the_report_contract(report):
     assert sum(b["count"] for b in data["bins"]) == data["tokens"]
     assert [b["lo"] for b in data["bins"]][:2] == [0.0, 0.5] and data["bins"][-1]["hi"] is None
     assert data["settings"]["seq_len"] == SEQ_LEN and data["settings"]["thought_len"] == 3
+
+
+def test_heldout_nll_gives_the_paired_talk_minus_shuffled_difference_and_its_standard_error(report, seeded_forwards):
+    """The recipes' held-out numbers on the same seeded batches: the mean of talk - shuffled over tokens, and its SE."""
+    model = report[0]
+    rows = windows(model.tokenizer)
+    batches = []
+    for start in range(0, len(rows), BATCH_SIZE):
+        batch = rows[start : start + BATCH_SIZE]
+        ids = torch.zeros(len(batch), max(len(r) for r in batch), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, row in enumerate(batch):
+            ids[i, : len(row)], mask[i, : len(row)] = row, 1
+        batches.append((ids, mask))
+    values = heldout_nll(model, batches, torch.device("cpu"), seed=SEED)
+    differences = torch.cat([talk - shuffled for talk, _, shuffled in seeded_forwards]).double()
+    assert values["tokens"] == len(differences)
+    assert values["talk_minus_shuffled"] == pytest.approx(float(differences.mean()), abs=1e-5)  # float32 forwards
+    assert values["talk_minus_shuffled_se"] == pytest.approx(float(differences.std() / math.sqrt(len(differences))), rel=1e-4)
+    assert values["talk_minus_shuffled"] == pytest.approx(values["talk_nll"] - values["shuffled_talk_nll"], abs=1e-7)
 
 
 def test_base_nll_is_the_plain_lms_cross_entropy_over_all_windows(report):

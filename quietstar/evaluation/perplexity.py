@@ -89,7 +89,9 @@ def token_nlls(model, input_ids: torch.LongTensor, attention_mask: torch.Tensor,
 
 @torch.no_grad()
 def heldout_nll(model, batches, device, seed: int, progress: bool = False) -> dict[str, float]:
-    """Token-weighted mean base, talk and shuffled-thought talk NLL over ``batches`` of (input_ids, attention_mask).
+    """Token-weighted mean base, talk and shuffled-thought talk NLL over ``batches`` of (input_ids, attention_mask),
+    and the paired difference talk - shuffled per token with its standard error over tokens (``talk_minus_shuffled``,
+    ``talk_minus_shuffled_se``): below -2 SE, the thoughts' content helps.
 
     Under ``torch.distributed`` the batches are split between ranks and the sums are
     all-reduced. Every rank runs the same number of forwards (ZeRO-3 needs every rank
@@ -97,20 +99,25 @@ def heldout_nll(model, batches, device, seed: int, progress: bool = False) -> di
     """
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     generator = torch.Generator(device=device).manual_seed(seed)
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # base NLL, talk NLL, shuffled talk NLL, tokens
+    sums = torch.zeros(6, dtype=torch.float64, device=device)  # base, talk, shuffled talk NLL, tokens, talk - shuffled, its square
     rounds = math.ceil(len(batches) / world)
     for i in tqdm(range(rounds), desc="held-out NLL", disable=not progress or rank != 0, leave=False):
         index = i * world + rank
         ids, mask = batches[min(index, len(batches) - 1)]
         scores, _ = token_nlls(model, ids.to(device), mask.to(device), generator)
         if index < len(batches):
-            sums += torch.stack([x.sum().double() for x in scores])
+            base, talk, shuffled, valid = (x.double() for x in scores)
+            difference = (talk - shuffled) * valid
+            sums += torch.stack([base.sum(), talk.sum(), shuffled.sum(), valid.sum(), difference.sum(), difference.pow(2).sum()])
     if world > 1:
         dist.all_reduce(sums)
-    base_sum, talk_sum, shuffled_sum, tokens = sums.tolist()
+    base_sum, talk_sum, shuffled_sum, tokens, difference_sum, square_sum = sums.tolist()
     if tokens == 0:
         raise ValueError("held-out NLL: the held-out batches have no token with a next token")
-    return {"base_nll": base_sum / tokens, "talk_nll": talk_sum / tokens, "shuffled_talk_nll": shuffled_sum / tokens, "tokens": int(tokens)}
+    mean_difference = difference_sum / tokens
+    variance = max(square_sum / tokens - mean_difference ** 2, 0.0) * tokens / max(tokens - 1, 1)
+    return {"base_nll": base_sum / tokens, "talk_nll": talk_sum / tokens, "shuffled_talk_nll": shuffled_sum / tokens, "tokens": int(tokens),
+            "talk_minus_shuffled": mean_difference, "talk_minus_shuffled_se": math.sqrt(variance / tokens)}
 
 
 # --- perplexity reports ------------------------------------------------------------------------------------

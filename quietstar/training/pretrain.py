@@ -231,7 +231,11 @@ def print_summary(summary: dict) -> None:
         print(f"held-out next-token NLL over {after['tokens']} tokens:")
         for name, values in (("before", before), ("after", after)):
             print(f"  {name + ':':7} base {values['base_nll']:.4f}  talk {values['talk_nll']:.4f}  "
-                  f"talk with shuffled thoughts {values['shuffled_talk_nll']:.4f}")
+                  f"talk with shuffled thoughts {values['shuffled_talk_nll']:.4f}  "
+                  f"(talk - shuffled {values['talk_minus_shuffled']:+.4f} ± {values['talk_minus_shuffled_se']:.4f} SE over tokens)")
+        difference, se = after["talk_minus_shuffled"], after["talk_minus_shuffled_se"]
+        verdict = "help" if difference < -2 * se else "do not help beyond 2 SE"
+        print(f"  the thoughts' content: own thoughts {verdict} against shuffled ones on this held-out text")
     for name, path in summary["outputs"].items():
         print(f"{name:>12}: {path}")
 
