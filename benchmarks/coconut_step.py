@@ -130,7 +130,7 @@ def official_pattern_loss(model: CoconutModel, input_ids: torch.Tensor, attentio
     for k in range(n_latents + 1):
         assert cache.get_seq_length() == start  # the official code slices its cache to [:start] here
         out = lm(inputs_embeds=embeds[:, start:stop], attention_mask=attention_mask[:, :stop],
-                 position_ids=positions[:, start:stop], past_key_values=cache, use_cache=True, output_hidden_states=True)
+                 position_ids=positions[:, start:stop], cache=cache, use_cache=True, output_hidden_states=True)
         logits.append(out.logits)
         if k == n_latents:
             break

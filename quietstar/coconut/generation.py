@@ -82,7 +82,7 @@ def generate(
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         last = decoder(inputs_embeds=embedding(token[:, None]), attention_mask=mask, position_ids=position,
-                       past_key_values=cache, use_cache=True).last_hidden_state
+                       cache=cache, use_cache=True).last_hidden_state
         position = position + 1
     tokens = torch.stack(generated, dim=1).tolist() if generated else [[] for _ in range(rows)]
     return CoconutGeneration([_cut(row, eos, tokenizer, stop_strings) for row in tokens], latents)

@@ -118,7 +118,7 @@ class CoconutModel(LatentReasoningModel):
         is_latent = input_ids == LATENT
         p0, width = latent_span(is_latent)
         if width and self.training and self.lm.is_activation_checkpointing:
-            # HF layers drop past_key_values under checkpointing in training mode, and the latent passes need them.
+            # HF layers drop the KV cache (`cache=`) under checkpointing in training mode, and the latent passes need them.
             raise ValueError("CoconutModel: gradient checkpointing cannot run continuous thoughts (the latent passes need "
                              "the KV cache, which HF drops under checkpointing); disable gradient_checkpointing")
         embeds = self.embed(input_ids)
@@ -130,7 +130,7 @@ class CoconutModel(LatentReasoningModel):
 
         def run(start: int, stop: int, inputs: torch.Tensor) -> torch.Tensor:
             return decoder(inputs_embeds=inputs, attention_mask=attention_mask[:, :stop], position_ids=positions[:, start:stop],
-                           past_key_values=cache, use_cache=True).last_hidden_state
+                           cache=cache, use_cache=True).last_hidden_state
 
         length = input_ids.shape[1]
         p0 = p0 if width else length

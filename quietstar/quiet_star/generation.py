@@ -56,12 +56,12 @@ class ThinkingCache:
         positions = (self.mask.cumsum(dim=1) - 1).clamp(min=0)  # left padding: real tokens count from 0
         self.last = positions[:, -1]  # [B] position t of the last token
         self.h_base = self.decoder(
-            input_ids=input_ids, attention_mask=self.mask, position_ids=positions, past_key_values=self.cache, use_cache=True
+            input_ids=input_ids, attention_mask=self.mask, position_ids=positions, cache=self.cache, use_cache=True
         ).last_hidden_state[:, -1]
 
     def _feed(self, embeds: torch.Tensor, position: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """One token per row [B, 1, H] at ``position`` [B] onto the cache -> its hidden state [B, H]."""
-        out = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=position[:, None], past_key_values=self.cache, use_cache=True)
+        out = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=position[:, None], cache=self.cache, use_cache=True)
         return out.last_hidden_state[:, -1]
 
     def think(self, greedy_thoughts: bool, generator: torch.Generator | None,

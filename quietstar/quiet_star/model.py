@@ -157,7 +157,7 @@ class QuietStarModel(LatentReasoningModel):
     def _validate_inputs(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """Validate the inputs and return the [B, L] attention mask (all ones when None)."""
         if self.config.formulation == "sequential" and self.training and self.lm.is_activation_checkpointing:
-            # HF layers drop past_key_values under checkpointing in training mode; the sequential blocks need them.
+            # HF layers drop the KV cache (`cache=`) under checkpointing in training mode; the sequential blocks need them.
             raise ValueError(
                 "gradient checkpointing is not supported by the sequential thought formulation; "
                 "disable it or use formulation='efficient'"

@@ -65,7 +65,7 @@ class _BlockRunner:
             inputs_embeds=embeds.to(self.dtype),
             attention_mask=mask,
             position_ids=positions.expand(rows, length),
-            past_key_values=self.cache,
+            cache=self.cache,
             use_cache=True,
         )
         self.n_fed += 1
@@ -113,7 +113,7 @@ def sequential_rollout(
     cache = DynamicCache()
     positions = torch.arange(length, device=input_ids.device).expand(batch, length)
     base_hidden = lm.get_decoder()(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, past_key_values=cache, use_cache=True
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, cache=cache, use_cache=True
     ).last_hidden_state
     run = _BlockRunner(lm, cache, attention_mask, R)
     hidden = run(markers("start", rows, length))  # block 0: <sot>

@@ -161,7 +161,7 @@ def sample_thoughts(
     with _inference_mode(lm):
         cache = DynamicCache()
         decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions.expand(batch, length),
-                past_key_values=cache, use_cache=True)
+                cache=cache, use_cache=True)
         cache.batch_repeat_interleave(R)
 
         def feed(block: int, embeds: torch.Tensor) -> torch.Tensor:
@@ -170,7 +170,7 @@ def sample_thoughts(
             mask = thought_attention_mask(text_mask, layout, 1, block + 2)
             out = decoder(inputs_embeds=embeds.to(dtype), attention_mask=mask,
                           position_ids=(positions + 1 + block).expand(rows, length),
-                          past_key_values=cache, use_cache=True, thought_layout=layout)
+                          cache=cache, use_cache=True, thought_layout=layout)
             return out.last_hidden_state
 
         hidden = feed(0, markers("start", rows, length))
