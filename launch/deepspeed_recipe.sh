@@ -72,4 +72,6 @@ launcher+=(--master_port "$master_port")
 [[ -n "${DS_CONFIG:-}" ]] && recipe=(--deepspeed "$DS_CONFIG" "${recipe[@]}")
 
 echo "+ deepspeed ${launcher[*]} $script ${recipe[*]}" >&2
+# The launcher's own processes log as DeepSpeed does (on a machine without a GPU that includes its
+# "Setting accelerator to CPU" notice); the ranks run the recipe, which hides that notice (engine.run_recipe).
 exec deepspeed "${launcher[@]}" "$script" "${recipe[@]}"

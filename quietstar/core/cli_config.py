@@ -8,12 +8,14 @@ merges the two (the CLI wins over YAML, YAML wins over the defaults).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import logging
 import types
 import typing
 from pathlib import Path
 import sys
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import yaml
 
@@ -113,10 +115,38 @@ def one_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def run_command(name: str, run: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> int:
-    """Run an entry point: 0 on success; a bad input or config prints ``quietstar <name>: error: ...`` and gives 2."""
+def _not_the_cpu_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Setting accelerator to CPU.")
+
+
+@contextlib.contextmanager
+def deepspeed_cpu_notice_hidden() -> Iterator[None]:
+    """While the block runs, DeepSpeed's "Setting accelerator to CPU. If you have GPU or other accelerator, we
+    were unable to detect it." is not printed; our entry points (``run_command``, ``engine.run_recipe``) run in it.
+
+    DeepSpeed picks its accelerator once, when it is first imported (``get_accelerator`` in
+    ``deepspeed/accelerator/real_accelerator.py``): ``DS_ACCELERATOR`` if set, else the first it detects,
+    else the CPU, which it announces with that warning on its ``DeepSpeed`` logger, so every command on
+    a machine without a GPU printed it. A filter on that logger drops that one message and nothing
+    else, and goes when the block ends. The choice stays DeepSpeed's (``DS_ACCELERATOR=cpu`` would also
+    silence it, but it overrides detection, and a wrong guess of ours would run a GPU machine on the CPU).
+    Only our commands are affected: ``import quietstar`` does not import DeepSpeed (the modules that
+    need it import it where they use it), so a library user's first import of it prints what it always did.
+    """
+    logger = logging.getLogger("DeepSpeed")  # the logger deepspeed.utils.logging creates; it keeps our filter
+    logger.addFilter(_not_the_cpu_notice)
     try:
-        run(args)
+        yield
+    finally:
+        logger.removeFilter(_not_the_cpu_notice)
+
+
+def run_command(name: str, run: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> int:
+    """Run an entry point: 0 on success; a bad input or config prints ``quietstar <name>: error: ...`` and gives 2.
+    DeepSpeed's notice that it found no GPU is not printed (``deepspeed_cpu_notice_hidden``)."""
+    try:
+        with deepspeed_cpu_notice_hidden():
+            run(args)
     except (OSError, ValueError, RunError) as error:
         print(f"quietstar {name}: error: {one_line(error)}", file=sys.stderr)
         return 2

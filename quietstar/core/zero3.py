@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
-import deepspeed
 from torch import nn
 
 
@@ -25,6 +24,8 @@ def gathered(param: nn.Parameter) -> Iterator[nn.Parameter]:
     if not is_partitioned(param):
         yield param
         return
+    import deepspeed  # here, not at the top: `import quietstar` stays free of DeepSpeed (and of its import-time notices)
+
     with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
         yield param
 

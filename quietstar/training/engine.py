@@ -30,15 +30,14 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
-import deepspeed
 import torch
 import torch.distributed as dist
-from deepspeed.accelerator import get_accelerator
 from tqdm import tqdm
 from transformers import get_scheduler
 from transformers.integrations import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
-from quietstar.core.cli_config import ConfigError, RunError, add_dataclass_arguments, build_config, load_yaml, one_line
+from quietstar.core.cli_config import (ConfigError, RunError, add_dataclass_arguments, build_config, deepspeed_cpu_notice_hidden,
+                                       load_yaml, one_line)
 from quietstar.core.latent_model import LatentReasoningModel
 from quietstar.core.loading import load_model
 from quietstar.core.lora import add_lora, lora_config
@@ -70,9 +69,10 @@ def parse_recipe_args(prog: str, description: str, configs: tuple[type, ...], ar
 
 def run_recipe(name: str, main: Callable[[], Any]) -> int:
     """Run a recipe's ``main``: 0 on success; a bad input or config, or a run that cannot go on, prints
-    ``<name>: error: ...`` (one line) and gives 2."""
+    ``<name>: error: ...`` (one line) and gives 2. DeepSpeed's notice that it found no GPU is not printed."""
     try:
-        main()
+        with deepspeed_cpu_notice_hidden():  # DeepSpeed is first imported inside (init_distributed)
+            main()
     except (OSError, ValueError, RunError) as error:
         tqdm.write(f"{name}: error: {one_line(error)}", file=sys.stderr)  # on a line of its own, below any progress bar
         return 2
@@ -84,6 +84,8 @@ def run_recipe(name: str, main: Callable[[], Any]) -> int:
         return 1
     finally:
         if dist.is_initialized():
+            import deepspeed
+
             deepspeed.comm.destroy_process_group()  # torch's group and DeepSpeed's references to it, so a next run can start
         release_shared_memory()
     return 0
@@ -120,6 +122,8 @@ def init_distributed(timeout_s: int = 600) -> tuple[int, int, torch.device]:
     (``mpi4py``). With neither, this process is a run of its own. A collective that waits longer than
     ``timeout_s`` (a rank died or hangs) fails, so the other ranks exit instead of waiting forever.
     """
+    import deepspeed  # here, not at the top: run_recipe hides its CPU notice while the recipe runs
+
     by_mpi = any(int(os.environ.get(name, "1")) > 1 for name in MPI_WORLD_SIZES)
     if by_mpi and "RANK" not in os.environ:
         try:
@@ -132,7 +136,7 @@ def init_distributed(timeout_s: int = 600) -> tuple[int, int, torch.device]:
             port = s.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))
-    accelerator = get_accelerator()
+    accelerator = deepspeed.get_accelerator()
     local_rank = int(os.environ["LOCAL_RANK"])
     if accelerator.device_name() == "cuda":
         accelerator.set_device(local_rank)
@@ -228,6 +232,8 @@ def _auto_fields(node: Any, path: str = "") -> list[str]:
 
 def initialize(model: LatentReasoningModel, cfg: EngineConfig, ds_config: dict[str, Any], total_steps: int):
     """``deepspeed.initialize`` with the two AdamW groups (``core.optim``) and a transformers LR schedule."""
+    import deepspeed
+
     engine, *_ = deepspeed.initialize(
         model=model,
         model_parameters=build_param_groups(model, cfg.lr, cfg.weight_decay),
