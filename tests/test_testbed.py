@@ -68,6 +68,11 @@ def test_reading_chains_and_answers():
     assert task.parse_chain("b9c6d2e6]6", names) == {"b": 9, "c": 6, "d": 2, "e": 6}
     assert task.parse_chain("b9c6x", names) == {"b": 9, "c": 6}
     assert task.parse_chain("9c6", names) == {}
+    problem = task.Problem("a=1;b=a*9;c=b*4;c?", tuple("abc"), (9, 6))
+    assert task.chain_content("b9c6]6", problem) == (True, 1.0)
+    assert task.chain_content("b9<eos>c6", problem) == (True, 1.0)  # special tokens say nothing about the chain
+    assert task.chain_content("7b9c5", problem) == (False, 0.5)
+    assert task.chain_content("c6", problem) == (False, 0.0)
     assert read_answer("[b9c6]6<") == "6" and read_answer("4") == "4" and read_answer("[b9c6") is None and read_answer("") is None
 
 

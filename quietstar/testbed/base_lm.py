@@ -16,7 +16,7 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, get_cosine_schedule_with_warmup
 
 from quietstar.core.text_data import pad_rows
-from quietstar.testbed.config import TestbedConfig
+from quietstar.testbed.config import BASE_FIELDS, TestbedConfig
 from quietstar.testbed.task import CLOSE, OPEN, Problem, iter_documents
 from quietstar.testbed.tokenizer import char_tokenizer
 
@@ -41,7 +41,8 @@ def document_batch(texts: list[str], tokenizer) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, IGNORE)}
 
 
-def train_lm(cfg: TestbedConfig, items: list[Problem], worked_fraction: float, seed: int, desc: str) -> tuple[LlamaForCausalLM, dict]:
+def train_lm(cfg: TestbedConfig, items: list[Problem], worked_fraction: float, seed: int,
+             desc: str) -> tuple[LlamaForCausalLM, dict]:
     """Train a fresh LM for ``base_steps`` steps on documents of ``items`` (worked with probability ``worked_fraction``).
 
     Returns the model (eval mode) and a record of its training (final loss, seconds).
@@ -72,8 +73,7 @@ def cached_base(cfg: TestbedConfig, items: list[Problem], cache: Path) -> tuple[
         model, record = train_lm(cfg, items, cfg.base_worked_fraction, cfg.base_seed, "base LM")
         model.save_pretrained(directory)
         char_tokenizer().save_pretrained(directory)
-        fields = {name: value for name, value in cfg.to_dict().items() if name in record or name.startswith("base") or
-                  name in ("hops", "earlier_prob", "data_seed", "layers", "hidden_size", "heads")}
+        fields = {name: getattr(cfg, name) for name in BASE_FIELDS}
         (directory / "testbed_base.json").write_text(json.dumps({"config": fields, "training": record}, indent=1) + "\n")
     return AutoModelForCausalLM.from_pretrained(directory, attn_implementation="sdpa").eval(), directory
 

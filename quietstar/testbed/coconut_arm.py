@@ -44,7 +44,8 @@ def example(problem: Problem) -> Example:
     return Example(problem.question, problem.steps, problem.answer)
 
 
-def train_row(cfg: TestbedConfig, row: str, base_dir, train: list[Problem], seed: int, desc: str) -> tuple[CoconutModel, list[dict]]:
+def train_row(cfg: TestbedConfig, row: str, base_dir, train: list[Problem], seed: int,
+              desc: str) -> tuple[CoconutModel, list[dict]]:
     """Train one row from the base in ``base_dir`` on ``coconut_train_problems`` problems: the model and a per-epoch log."""
     tokenizer = char_tokenizer()
     torch.manual_seed(seed)

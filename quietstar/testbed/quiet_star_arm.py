@@ -30,7 +30,7 @@ from quietstar.quiet_star.generation import ThinkingCache
 from quietstar.quiet_star.model import QuietStarModel
 from quietstar.testbed.base_lm import document_batch
 from quietstar.testbed.config import TestbedConfig
-from quietstar.testbed.task import CLOSE, OPEN, Problem, iter_documents, parse_chain
+from quietstar.testbed.task import CLOSE, OPEN, Problem, iter_documents
 from quietstar.testbed.tokenizer import char_tokenizer
 
 # Marker starting texts of each row: (<sot>, <eot>); None keeps QuietStarConfig's default.
@@ -91,8 +91,8 @@ def train_row(cfg: TestbedConfig, row: str, base_dir, train: list[Problem], prob
     """Quiet-STaR continued pretraining of the base in ``base_dir`` on unworked documents: the model and a log.
 
     The log has a record every ``max(1, qs_steps // 30)`` steps: losses, reward, the mixing weight at the answer,
-    the markers' drift, the policy/LM gradient norms (``quiet_star.diagnostics``, every third record), and the mean answer NLLs
-    (``answer_scores``) of the held-out ``probe`` problems.
+    the markers' drift, the policy/LM gradient norms (``quiet_star.diagnostics``, every third record), and the mean
+    answer NLLs (``answer_scores``) of the held-out ``probe`` problems.
     """
     model = fresh_model(cfg, row, base_dir, seed).train()
     tokenizer, method = model.tokenizer, model.config
@@ -122,9 +122,9 @@ def train_row(cfg: TestbedConfig, row: str, base_dir, train: list[Problem], prob
             q = answer_position(by_question[texts[0]])
             held_out = answer_scores(model, probe, torch.Generator().manual_seed(seed))
             held_out.pop("greedy_thought")
+            probe_means = {f"probe_{k}": sum(map(float, v)) / len(v) for k, v in held_out.items()}
             log.append({"step": step, **out.metrics(), "answer_mixing_weight": float(out.mixing_weights[:, q, :, 0].mean()),
-                        **marker_drift(model, init), **grads, **{f"probe_{k}": sum(map(float, v)) / len(v) for k, v in held_out.items()},
-                        "seconds": time.perf_counter() - started})
+                        **marker_drift(model, init), **grads, **probe_means, "seconds": time.perf_counter() - started})
     return model.eval(), log
 
 
@@ -172,25 +172,19 @@ def answer_scores(model: QuietStarModel, chunk: list[Problem], generator: torch.
 
 @torch.no_grad()
 def measure(model: QuietStarModel, items: list[Problem], seed: int, batch_size: int = 100) -> dict[str, list]:
-    """Per-item measurements of the answer token of ``items`` (``answer_scores``, and what the greedy thought holds);
-    every list is len(items).
+    """Per-item measurements of the answer token of ``items`` (``answer_scores``) and the greedy thought at ``?`` as
+    text (``thought``); every list is len(items).
 
-    A thought is read together with the text ``<sot>`` started as (``[`` holds nothing; the task row's ``b`` is the
-    chain's first character), so ``chain_exact`` and ``chain_values`` mean the same for every row.
+    A thought is written together with the text ``<sot>`` started as (``[`` holds nothing; the task row's ``b`` is
+    the chain's first character), so ``task.chain_content`` reads it the same way for every row.
     """
     tokenizer, cfg = model.tokenizer, model.config
     generator = torch.Generator().manual_seed(seed)
     opened = cfg.marker_init_text if cfg.marker_init_text.isalnum() else ""
     out: dict[str, list] = {}
     for start in range(0, len(items), batch_size):
-        chunk = items[start:start + batch_size]
-        scores = answer_scores(model, chunk, generator)
-        for p, thought in zip(chunk, scores.pop("greedy_thought")):
-            text = opened + tokenizer.decode(thought, skip_special_tokens=False)
-            stated = parse_chain(text[text.find(p.names[1]):] if p.names[1] in text else "", p.names)
-            scores.setdefault("thought", []).append(text)
-            scores.setdefault("chain_exact", []).append(p.chain in text)
-            scores.setdefault("chain_values", []).append(sum(stated.get(n) == v for n, v in zip(p.names[1:], p.values)) / p.hops)
+        scores = answer_scores(model, items[start:start + batch_size], generator)
+        scores["thought"] = [opened + tokenizer.decode(t, skip_special_tokens=False) for t in scores.pop("greedy_thought")]
         for name, values in scores.items():
             out.setdefault(name, []).extend(values)
     return out

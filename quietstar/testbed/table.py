@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from quietstar.testbed import coconut_arm, quiet_star_arm, task
-from quietstar.testbed.base_lm import base_report, cached_base
+from quietstar.testbed.base_lm import base_report
 from quietstar.testbed.config import TestbedConfig
 
 PROBE_PROBLEMS = 100  # valid problems scored during Quiet-STaR training (the NLL-against-step curve)
@@ -94,18 +94,26 @@ def paired(a_runs: list[list[float]], b_runs: list[list[float]], lower_is_better
 
 
 QS_METRICS = ("base_nll", "own_sampled_nll", "own_greedy_nll", "shuffled_nll", "oracle_nll", "correct_no_thought",
-              "correct_thought", "chain_exact", "chain_values")
+              "correct_thought")
 
 
-def summarise(cfg: TestbedConfig, jobs: dict[tuple[str, str, int], dict]) -> dict:
+def chain_means(thoughts: list[str], held_out: list[task.Problem]) -> tuple[float, float]:
+    """The share of thoughts holding the exact chain, and the mean share of values stated right (``task.chain_content``)."""
+    content = [task.chain_content(t, p) for t, p in zip(thoughts, held_out)]
+    return mean(exact for exact, _ in content), mean(values for _, values in content)
+
+
+def summarise(cfg: TestbedConfig, jobs: dict[tuple[str, str, int], dict], held_out: list[task.Problem]) -> dict:
     """Per row: each metric's mean +- SE over seeds; the paired comparisons the testbed is about."""
     seeds = cfg.seed_list
     quiet, coconut, comparisons = {}, {}, {}
     for row in cfg.quiet_star_rows:
         runs = [jobs[("quietstar", row, s)] for s in seeds]
         quiet[row] = {m: mean_se([mean(r["after"][m]) for r in runs]) for m in QS_METRICS}
-        quiet[row]["before_chain_exact"] = mean_se([mean(r["before"]["chain_exact"]) for r in runs])
-        quiet[row]["before_chain_values"] = mean_se([mean(r["before"]["chain_values"]) for r in runs])
+        for phase, prefix in (("before", "before_"), ("after", "")):
+            content = [chain_means(r[phase]["thought"], held_out) for r in runs]
+            quiet[row][f"{prefix}chain_exact"] = mean_se([exact for exact, _ in content])
+            quiet[row][f"{prefix}chain_values"] = mean_se([values for _, values in content])
         quiet[row]["answer_mixing_weight"] = mean_se([r["log"][-1]["answer_mixing_weight"] for r in runs])
         after = [r["after"] for r in runs]
         comparisons[f"quietstar/{row}: own sampled vs shuffled thoughts, answer NLL"] = paired(
@@ -214,8 +222,8 @@ def run_table(cfg: TestbedConfig, out: Path, cache: Path) -> dict:
     torch.set_num_threads(cfg.threads)
     train = task.problems("train", cfg.base_problems, cfg.hops, cfg.data_seed, cfg.earlier_prob)
     held_out = task.problems(cfg.eval_split, cfg.eval_problems, cfg.hops, cfg.data_seed, cfg.earlier_prob)
-    _, base_dir = cached_base(cfg, train, cache)
     base = base_report(cfg, train, held_out, cache)
+    base_dir = base["directory"]
     (out / "base.json").write_text(json.dumps(base, indent=1) + "\n")
     wanted = [("quietstar", row, s) for row in cfg.quiet_star_rows for s in cfg.seed_list]
     wanted += [("coconut", row, s) for row in cfg.coconut_row_list for s in cfg.seed_list]
@@ -228,7 +236,7 @@ def run_table(cfg: TestbedConfig, out: Path, cache: Path) -> dict:
             for future in tqdm(futures, desc="testbed jobs", unit="job"):
                 future.result()
     jobs = {key: json.loads(path[key].read_text()) for key in wanted}
-    summary = summarise(cfg, jobs)
+    summary = summarise(cfg, jobs, held_out)
     (out / "table.json").write_text(json.dumps({"base": base, **summary}, indent=1) + "\n")
     (out / "table.md").write_text(markdown(summary, base))
     plots(cfg, jobs, summary, out)

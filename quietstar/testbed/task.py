@@ -151,3 +151,14 @@ def parse_chain(text: str, names: tuple[str, ...]) -> dict[str, int]:
         values.setdefault(text[i], int(text[i + 1]))
         i += 2
     return values
+
+
+def chain_content(thought: str, problem: Problem, specials: tuple[str, ...] = ("<eos>", "<pad>", "<unk>")) -> tuple[bool, float]:
+    """What a thought says about ``problem``'s chain: (it holds the exact chain, the share of the k values it states
+    right). Special tokens are dropped first, and the values are read from the first mention of the second variable."""
+    for special in specials:
+        thought = thought.replace(special, "")
+    first = problem.names[1]
+    stated = parse_chain(thought[thought.index(first):] if first in thought else "", problem.names)
+    right = sum(stated.get(name) == value for name, value in zip(problem.names[1:], problem.values))
+    return problem.chain in thought, right / problem.hops
