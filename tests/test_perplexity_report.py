@@ -79,17 +79,25 @@ def windows(tokenizer) -> list[torch.Tensor]:
     return out
 
 
-@pytest.fixture(scope="module")
-def seeded_forwards(report) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(talk NLLs [n-1], thoughts [n-1, R, M], shuffled-thought talk NLLs [n-1]) per window, from seeded batches."""
-    model = report[0]
-    rows, generator, out = windows(model.tokenizer), torch.Generator().manual_seed(SEED), []
+def window_batches(tokenizer) -> list[tuple[list[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]]:
+    """The windows in batches of BATCH_SIZE, as the CLI scores them: (the windows, (ids, mask) right padded)."""
+    rows, out = windows(tokenizer), []
     for start in range(0, len(rows), BATCH_SIZE):
         batch = rows[start : start + BATCH_SIZE]
         ids = torch.zeros(len(batch), max(len(r) for r in batch), dtype=torch.long)
         mask = torch.zeros_like(ids)
         for i, row in enumerate(batch):
             ids[i, : len(row)], mask[i, : len(row)] = row, 1
+        out.append((batch, (ids, mask)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def seeded_forwards(report) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(talk NLLs [n-1], thoughts [n-1, R, M], shuffled-thought talk NLLs [n-1]) per window, from seeded batches."""
+    model = report[0]
+    generator, out = torch.Generator().manual_seed(SEED), []
+    for batch, (ids, mask) in window_batches(model.tokenizer):
         with torch.no_grad():
             result = model(ids, mask, generator=generator)
             _, talk, valid = result.next_token_nlls()
@@ -117,15 +125,7 @@ def test_cli_writes_the_three_files_with_the_report_contract(report):
 def test_heldout_nll_gives_the_paired_talk_minus_shuffled_difference_and_its_standard_error(report, seeded_forwards):
     """The recipes' held-out numbers on the same seeded batches: the mean of talk - shuffled over tokens, and its SE."""
     model = report[0]
-    rows = windows(model.tokenizer)
-    batches = []
-    for start in range(0, len(rows), BATCH_SIZE):
-        batch = rows[start : start + BATCH_SIZE]
-        ids = torch.zeros(len(batch), max(len(r) for r in batch), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, row in enumerate(batch):
-            ids[i, : len(row)], mask[i, : len(row)] = row, 1
-        batches.append((ids, mask))
+    batches = [tensors for _, tensors in window_batches(model.tokenizer)]
     values = heldout_nll(model, batches, torch.device("cpu"), seed=SEED)
     differences = torch.cat([talk - shuffled for talk, _, shuffled in seeded_forwards]).double()
     assert values["tokens"] == len(differences)
