@@ -69,6 +69,9 @@ window.addEventListener("load", () => {
     summary_text: summary ? summary.innerText : "",
     tokens: tokens.length,
     highlighted_shown: highlighted.length,
+    // the text wraps inside its column: nothing wider than the page (a long run of tokens without spaces included)
+    text_overflow: Math.max(0, ...[...document.querySelectorAll(".text")].map((el) => el.scrollWidth - el.clientWidth)),
+    page_overflow: document.documentElement.scrollWidth - document.documentElement.clientWidth,
     first_highlighted: highlighted.length ? {text: highlighted[0].textContent, title: highlighted[0].title,
                                              background: getComputedStyle(highlighted[0]).backgroundColor} : null,
   };
@@ -147,3 +150,9 @@ def test_screenshot_shows_a_coloured_page(page):
     rgb = pixels[..., :3]
     coloured = (rgb.max(axis=-1) - rgb.min(axis=-1)) > 0.15  # pixels far from grey: the highlighted tokens
     assert coloured.mean() > 0.001 and (rgb < 0.3).all(axis=-1).mean() > 0.001  # some colour, and dark text
+
+
+def test_tokens_html_wraps_long_unbroken_text_inside_the_page(page):
+    """The tests' word-level tokens render without spaces between them: one long run that must still wrap."""
+    _, probe, _, _ = page
+    assert probe["text_overflow"] == 0 and probe["page_overflow"] <= 0, probe

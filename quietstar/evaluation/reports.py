@@ -84,7 +84,7 @@ table.summary td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .legend { margin: 1em 0; }
 .legend .key { display: inline-block; padding: 0 0.5em; margin-right: 1em; border: 1px solid #ccc; }
 .note { color: #a33; }
-.text { font-family: ui-monospace, monospace; white-space: pre-wrap; line-height: 1.9; }
+.text { font-family: ui-monospace, monospace; white-space: pre-wrap; overflow-wrap: anywhere; line-height: 1.9; }
 .doc { border-top: 1px solid #ccc; padding: 0.5em 0; }
 .doc-label { font: 12px system-ui, sans-serif; color: #777; }
 .tok { border-radius: 2px; }
