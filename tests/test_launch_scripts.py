@@ -44,18 +44,21 @@ def test_every_rank_agrees_on_the_default_run_directory_when_clocks_differ(tmp_p
     """Rank 1's clock runs a second ahead of rank 0's; both ranks still name rank 0's directory."""
     probe = tmp_path / "probe.py"
     probe.write_text(
-        "import os, time\n"
-        "from quietstar.training.engine import init_distributed, shared_output_dir\n"
+        "import os, sys, time\n"
+        "from quietstar.training.engine import init_distributed, run_recipe, shared_output_dir\n"
         "from quietstar.training.train_config import TrainConfig\n"
         "if os.environ['RANK'] == '1':\n"
         "    real = time.strftime\n"
         "    time.strftime = lambda f, t=None: real(f, time.localtime(time.time() + 1))\n"
-        "init_distributed()\n"
-        "cfg = shared_output_dir(TrainConfig(output_dir='runs/demo-{time}'))\n"
-        f"open(os.path.join({str(tmp_path)!r}, 'rank' + os.environ['RANK']), 'w').write(cfg.output_dir)\n"
+        "def main():\n"
+        "    init_distributed()\n"
+        "    cfg = shared_output_dir(TrainConfig(output_dir='runs/demo-{time}'))\n"
+        f"    open(os.path.join({str(tmp_path)!r}, 'rank' + os.environ['RANK']), 'w').write(cfg.output_dir)\n"
+        "sys.exit(run_recipe('probe', main))\n"
     )
-    # Each rank writes its answer to its own file: lines printed by two ranks share the launcher's pipe
-    # and can interleave into one line.
+    # Each rank writes its answer to its own file: lines printed by two ranks share the launcher's pipe and can
+    # interleave into one line. The body runs inside run_recipe, as the recipes' does, so that the process group is
+    # torn down before the interpreter exits (a rank that exits with it alive can abort in gloo's threads: -6).
     run(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), str(probe)])
     paths = {(tmp_path / f"rank{rank}").read_text() for rank in (0, 1)}
     assert len(paths) == 1 and paths.pop().startswith("runs/demo-")
