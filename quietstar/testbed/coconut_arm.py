@@ -1,7 +1,7 @@
 """The testbed's Coconut arm: the paper's Table 1 rows, trained from the same base on the task's steps.
 
 A problem is the Coconut example ``{question: "a=1;...;e?", steps: ["b9", "c6", "d2", "e6"], answer: "6"}``;
-one hop is one language step, replaced by c = 1 continuous thought per curriculum stage
+one hop is one language step, replaced by c continuous thoughts (``coconut_latents_per_step``) per curriculum stage
 (``max_latent_stage = hops``, so the last stage reasons in latents only). The rows are modes of
 ``coconut.curriculum``: ``cot``, ``no_cot``, ``coconut``, ``no_curriculum``, ``pause_as_thought``.
 Every row trains for the same number of epochs: one per curriculum stage, plus one more at the last.
@@ -30,8 +30,8 @@ from quietstar.testbed.tokenizer import char_tokenizer
 
 
 def row_config(cfg: TestbedConfig, row: str) -> CoconutConfig:
-    """The CoconutConfig of a row: c = 1, one stage per hop, markers starting at ``[``."""
-    return CoconutConfig(mode=row, c=1, max_latent_stage=cfg.hops, epochs_per_stage=cfg.coconut_epochs_per_stage,
+    """The CoconutConfig of a row: c latents per hop, one stage per hop, markers starting at ``[``."""
+    return CoconutConfig(mode=row, c=cfg.coconut_latents_per_step, max_latent_stage=cfg.hops, epochs_per_stage=cfg.coconut_epochs_per_stage,
                          marker_init_text=OPEN)
 
 

@@ -50,8 +50,9 @@ class TestbedConfig:
         qs_n_thoughts, qs_n_true: R and K.
         qs_marker_lr_multiplier: the markers' learning-rate multiplier.
         coconut_rows: the Coconut rows (paper Table 1 baselines).
-        coconut_epochs_per_stage, coconut_batch_size, coconut_lr, coconut_train_problems: Coconut's training; c = 1
-            latent per hop, ``max_latent_stage = hops``; CoT and No-CoT train for as many epochs as the curriculum.
+        coconut_latents_per_step: c, the continuous thoughts that replace one hop.
+        coconut_epochs_per_stage, coconut_batch_size, coconut_lr, coconut_train_problems: Coconut's training;
+            ``max_latent_stage = hops``; CoT and No-CoT train for as many epochs as the curriculum.
         seeds: the arms' seeds (each row trains once per seed, from the same base).
         threads: torch threads per process.
         workers: processes running rows side by side (each with ``threads`` threads).
@@ -80,6 +81,7 @@ class TestbedConfig:
     qs_n_true: int = 4
     qs_marker_lr_multiplier: float = 1.0
     coconut_rows: str = "cot,no_cot,coconut,no_curriculum,pause_as_thought"
+    coconut_latents_per_step: int = 1
     coconut_epochs_per_stage: int = 1
     coconut_batch_size: int = 32
     coconut_lr: float = 1e-3
@@ -94,7 +96,7 @@ class TestbedConfig:
         for name in ("data_seed", "base_seed"):
             require(is_int(getattr(self, name)), self, name, "must be an integer")
         for name in ("base_problems", "eval_problems", "layers", "hidden_size", "heads", "base_steps", "base_batch_size",
-                     "qs_steps", "qs_batch_size", "qs_n_true", "coconut_epochs_per_stage", "coconut_batch_size",
+                     "qs_steps", "qs_batch_size", "qs_n_true", "coconut_latents_per_step", "coconut_epochs_per_stage", "coconut_batch_size",
                      "coconut_train_problems", "threads", "workers"):
             require(is_int(getattr(self, name)) and getattr(self, name) >= 1, self, name, "must be an integer >= 1")
         require(self.eval_split in ("valid", "test"), self, "eval_split", "must be valid or test")
