@@ -109,7 +109,8 @@ def test_rows_start_their_markers_as_named():
 @pytest.mark.parametrize("field,value,match", [
     ("hops", 0, "TestbedConfig.hops"), ("qs_rows", "delimiters,nope", "unknown row"), ("seeds", "1,1", "each once"),
     ("seeds", "1,x", "comma-separated integers"), ("heads", 3, "must divide hidden_size"), ("eval_split", "train", "valid or test"),
-    ("qs_n_thoughts", 1, ">= 2"), ("coconut_rows", "cot,bad", "unknown row"),
+    ("qs_n_thoughts", 1, ">= 2"), ("coconut_rows", "cot,bad", "unknown row"), ("min_hops", 5, "TestbedConfig.min_hops"),
+    ("coconut_latents_per_step", 0, "TestbedConfig.coconut_latents_per_step"),
 ])
 def test_bad_settings_fail_naming_the_field(field, value, match):
     with pytest.raises(ConfigError, match=match):
@@ -125,7 +126,7 @@ def test_sign_test_and_paired_comparison():
     assert (result["wins"], result["losses"]) == (5, 0)
 
 
-TINY = ["--hops", "2", "--layers", "1", "--hidden-size", "32", "--heads", "2", "--base-steps", "10", "--base-batch-size", "8",
+TINY = ["--hops", "3", "--min-hops", "2", "--layers", "1", "--hidden-size", "32", "--heads", "2", "--base-steps", "10", "--base-batch-size", "8",
         "--base-problems", "200", "--eval-problems", "8", "--qs-steps", "2", "--qs-batch-size", "4", "--qs-rows",
         "delimiters,oracle", "--coconut-rows", "coconut,no_cot", "--coconut-train-problems", "16", "--coconut-batch-size", "8",
         "--seeds", "1,2", "--workers", "1"]
@@ -140,13 +141,19 @@ def test_the_table_runs_end_to_end_at_a_tiny_size_and_resumes(tmp_path, capsys):
     assert jobs == sorted(f"{arm}-{row}-s{s}.json" for arm, rows in (("quietstar", ("delimiters", "oracle")),
                                                                       ("coconut", ("coconut", "no_cot"))) for row in rows for s in (1, 2))
     job = json.loads((out / "jobs" / "quietstar-delimiters-s1.json").read_text())
-    assert all(len(values) == 8 for values in job["after"].values())
+    assert all(len(values) == 16 for values in job["after"].values())  # 8 problems at each of 2 and 3 hops, easiest first
     other = json.loads((out / "jobs" / "quietstar-delimiters-s2.json").read_text())
-    seed_means = [sum(j["after"]["shuffled_nll"]) / 8 for j in (job, other)]
+    seed_means = [sum(j["after"]["shuffled_nll"][8:]) / 8 for j in (job, other)]  # the headline is the hardest difficulty
     assert table["quietstar"]["delimiters"]["shuffled_nll"][0] == pytest.approx(sum(seed_means) / 2)
+    easy = [sum(j["after"]["correct_thought"][:8]) / 8 for j in (job, other)]
+    assert table["by_hops"]["QS delimiters: thought"]["2"][0] == pytest.approx(sum(easy) / 2)
+    assert set(table["by_hops"]) == {"QS delimiters: no thought", "QS delimiters: thought", "QS oracle: no thought",
+                                     "QS oracle: thought", "Coconut coconut", "Coconut no_cot"}
+    assert set(table["base"]["by_hops"]) == {"2", "3"}
     assert {"probe_own_sampled_nll", "probe_shuffled_nll", "sot_drift"} <= set(job["log"][-1]) and "grad_ratio" in job["log"][0]
     assert (out / "own_vs_shuffled.png").stat().st_size > 0 and (out / "accuracy.png").stat().st_size > 0
     assert "## Paired comparisons" in (out / "table.md").read_text()
+    assert "| base LM, answering at once |" in (out / "table.md").read_text()
     assert len(list(cache.glob("base-*/model.safetensors"))) == 1
     # A second run finds every job done and the base cached: nothing is trained again.
     stamps = {p: p.stat().st_mtime_ns for p in (out / "jobs").iterdir()}
@@ -157,10 +164,12 @@ def test_the_table_runs_end_to_end_at_a_tiny_size_and_resumes(tmp_path, capsys):
 def test_describe_and_generate(tmp_path, capsys):
     assert cli_main(["testbed", "describe", "--hops", "3", "--base-problems", "50", "--eval-problems", "20"]) == 0
     described = json.loads(capsys.readouterr().out)
-    assert described["train_problems"] == 50 and described["valid_problems"] == 20 and len(described["examples"]) == 3
+    assert described["train_problems"] == 50 and described["valid_problems"] == 40 and len(described["examples"]) == 3
+    assert described["hops"] == [2, 3] and set(described["majority_class_rate"]) == {"2", "3"}
     assert cli_main(["testbed", "generate", "--out", str(tmp_path), "--hops", "3", "--base-problems", "50",
                      "--eval-problems", "20"]) == 0
     lines = [json.loads(line) for line in (tmp_path / "test.jsonl").read_text().splitlines()]
-    assert len(lines) == 20 and all(r["worked"].startswith(r["question"]) and len(r["steps"]) == 3 for r in lines)
+    assert len(lines) == 40 and all(r["worked"].startswith(r["question"]) and len(r["steps"]) == r["hops"] for r in lines)
+    assert {r["hops"] for r in lines} == {2, 3}
     assert cli_main(["testbed", "describe", "--hops", "0"]) == 2
     assert "TestbedConfig.hops" in capsys.readouterr().err

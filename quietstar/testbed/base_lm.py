@@ -101,33 +101,48 @@ def greedy_continuations(model, tokenizer, prompts: list[str], max_new_tokens: i
 
 
 def answer_accuracy(model, tokenizer, items: list[Problem], form: str) -> dict:
-    """Greedy answer accuracy on ``items``.
+    """Greedy answer accuracy on ``items`` (of any mix of hop counts, each scored with its own).
 
     ``form``: ``free`` (the model continues the question as it likes: an aside then the answer, or the answer),
     ``direct`` (the answer must follow ``?``: the most likely digit there), ``worked`` (the prompt ends in ``[``,
-    so the model writes the chain first). Returns accuracy and, for ``free``, how often an aside was opened.
+    so the model writes the chain first). Returns accuracy, per-item ``correct`` and, for ``free``, per-item
+    ``opened`` (an aside was opened) and its rate.
     """
-    if form == "direct":
-        digits = tokenizer([str(d) for d in range(10)], add_special_tokens=False)["input_ids"]
-        ids = torch.tensor([tokenizer(p.question, add_special_tokens=False)["input_ids"] for p in items])
-        logits = model(input_ids=ids).logits[:, -1, [d[0] for d in digits]]
-        correct = [str(int(i)) == p.answer for i, p in zip(logits.argmax(-1), items)]
-        return {"accuracy": sum(correct) / len(items), "correct": correct}
-    prefix = OPEN if form == "worked" else ""
-    texts = greedy_continuations(model, tokenizer, [p.question + prefix for p in items], max_new_tokens=2 * items[0].hops + 3)
-    answers = [read_answer(prefix + t) for t in texts]
-    correct = [a == p.answer for a, p in zip(answers, items)]
+    correct, opened = [False] * len(items), [False] * len(items)
+    for hops in sorted({p.hops for p in items}):
+        index = [i for i, p in enumerate(items) if p.hops == hops]
+        group = [items[i] for i in index]
+        if form == "direct":
+            digits = tokenizer([str(d) for d in range(10)], add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([tokenizer(p.question, add_special_tokens=False)["input_ids"] for p in group])
+            logits = model(input_ids=ids).logits[:, -1, [d[0] for d in digits]]
+            answers = [str(int(i)) for i in logits.argmax(-1)]
+            texts = [""] * len(group)
+        else:
+            prefix = OPEN if form == "worked" else ""
+            texts = greedy_continuations(model, tokenizer, [p.question + prefix for p in group], max_new_tokens=2 * hops + 3)
+            answers = [read_answer(prefix + t) for t in texts]
+        for i, p, answer, text in zip(index, group, answers, texts):
+            correct[i], opened[i] = answer == p.answer, text.startswith(OPEN)
     result = {"accuracy": sum(correct) / len(items), "correct": correct}
     if form == "free":
-        result["opened_aside"] = sum(t.startswith(OPEN) for t in texts) / len(items)
+        result.update(opened=opened, opened_aside=sum(opened) / len(items))
     return result
 
 
 def base_report(cfg: TestbedConfig, train: list[Problem], held_out: list[Problem], cache: Path) -> dict:
-    """The cached base LM (trained first if needed) and its held-out greedy accuracy in each form."""
+    """The cached base LM (trained first if needed) and its held-out greedy accuracy in each form: at the hardest
+    difficulty (``hops``) and at each one (``by_hops``)."""
     model, directory = cached_base(cfg, train, cache)
     tokenizer = char_tokenizer()
-    scores = {form: answer_accuracy(model, tokenizer, held_out, form) for form in ("free", "direct", "worked")}
+    with torch.no_grad():
+        scores = {form: answer_accuracy(model, tokenizer, held_out, form) for form in ("free", "direct", "worked")}
+    by_hops = {}
+    for hops in sorted({p.hops for p in held_out}):
+        index = [i for i, p in enumerate(held_out) if p.hops == hops]
+        share = lambda values: sum(values[i] for i in index) / len(index)  # noqa: E731
+        by_hops[hops] = {**{f"{form}_accuracy": share(s["correct"]) for form, s in scores.items()},
+                         "opened_aside": share(scores["free"]["opened"])}
     record = json.loads((directory / "testbed_base.json").read_text())
     return {"directory": str(directory), **record, "split": cfg.eval_split, "items": len(held_out),
-            **{f"{form}_accuracy": s["accuracy"] for form, s in scores.items()}, "opened_aside": scores["free"]["opened_aside"]}
+            **by_hops[max(by_hops)], "by_hops": by_hops}

@@ -41,10 +41,14 @@ def config_of(args: argparse.Namespace) -> TestbedConfig:
 
 
 def splits(cfg: TestbedConfig) -> tuple[list[task.Problem], list[task.Problem]]:
-    """The training problems and the held-out problems of ``cfg.eval_split``."""
+    """The training problems (every difficulty, mixed) and the held-out problems of ``cfg.eval_split``."""
+    return cfg.train_problems(), cfg.held_out_problems()
+
+
+def gap_splits(cfg: TestbedConfig) -> tuple[list[task.Problem], list[task.Problem]]:
+    """The gap's problems: the hardest difficulty (``hops``) only, train and held out."""
     train = task.problems("train", cfg.base_problems, cfg.hops, cfg.data_seed, cfg.earlier_prob)
-    held_out = task.problems(cfg.eval_split, cfg.eval_problems, cfg.hops, cfg.data_seed, cfg.earlier_prob)
-    return train, held_out
+    return train, task.problems(cfg.eval_split, cfg.eval_problems, cfg.hops, cfg.data_seed, cfg.earlier_prob)
 
 
 def write_json(path: str | None, record: dict) -> None:
@@ -60,20 +64,24 @@ def generate(args: argparse.Namespace, cfg: TestbedConfig) -> None:
         raise ValueError("generate needs --out DIR")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    counts = {"train": cfg.base_problems, "valid": cfg.eval_problems, "test": cfg.eval_problems}
-    for split, count in counts.items():
-        items = task.problems(split, count, cfg.hops, cfg.data_seed, cfg.earlier_prob)
+    hops = f"{cfg.min_hops}-{cfg.hops}" if cfg.min_hops < cfg.hops else str(cfg.hops)
+    for split in ("train", "valid", "test"):
+        items = cfg.train_problems() if split == "train" else cfg.held_out_problems(split)
         with (out / f"{split}.jsonl").open("w") as f:
             for p in items:
-                f.write(json.dumps({**p.coconut_record(), "worked": p.worked, "unworked": p.unworked}) + "\n")
-        print(f"{out / f'{split}.jsonl'}: {len(items)} problems of {cfg.hops} hops")
+                f.write(json.dumps({**p.coconut_record(), "hops": p.hops, "worked": p.worked, "unworked": p.unworked}) + "\n")
+        print(f"{out / f'{split}.jsonl'}: {len(items)} problems of {hops} hops")
+
+
+def majority_class_rate(items: list[task.Problem]) -> float:
+    """The share of ``items`` whose answer is the most common answer among them."""
+    return Counter(p.answer for p in items).most_common(1)[0][1] / len(items)
 
 
 def describe(cfg: TestbedConfig) -> dict:
     train, held_out = splits(cfg)
-    majority = Counter(p.answer for p in held_out).most_common(1)[0]
-    return {"hops": cfg.hops, "train_problems": len(train), f"{cfg.eval_split}_problems": len(held_out),
-            "majority_answer": majority[0], "majority_class_rate": majority[1] / len(held_out),
+    return {"hops": list(cfg.hop_range), "train_problems": len(train), f"{cfg.eval_split}_problems": len(held_out),
+            "majority_class_rate": {k: majority_class_rate([p for p in held_out if p.hops == k]) for k in cfg.hop_range},
             "examples": [{"unworked": p.unworked, "worked": p.worked, "steps": list(p.steps)} for p in train[:3]]}
 
 
@@ -86,7 +94,7 @@ def run(args: argparse.Namespace) -> None:
     elif args.action == "describe":
         write_json(args.out, describe(cfg))
     elif args.action == "gap":
-        write_json(args.out, measure_gap(cfg, *splits(cfg)))
+        write_json(args.out, measure_gap(cfg, *gap_splits(cfg)))
     elif args.action == "base":
         write_json(args.out, base_report(cfg, *splits(cfg), cache))
     else:

@@ -30,9 +30,11 @@ from quietstar.testbed.tokenizer import char_tokenizer
 
 
 def row_config(cfg: TestbedConfig, row: str) -> CoconutConfig:
-    """The CoconutConfig of a row: c latents per hop, one stage per hop, markers starting at ``[``."""
-    return CoconutConfig(mode=row, c=cfg.coconut_latents_per_step, max_latent_stage=cfg.hops, epochs_per_stage=cfg.coconut_epochs_per_stage,
-                         marker_init_text=OPEN)
+    """The CoconutConfig of a row: c latents per hop, one stage per hop of the hardest problems, markers starting at
+    ``[``; an easier problem gets as many latents as its stage (``pad_latent_to_max``, as the paper trains ProsQA,
+    whose problems also differ in steps), so training and inference (``max_latent_stage * c`` latents) agree."""
+    return CoconutConfig(mode=row, c=cfg.coconut_latents_per_step, max_latent_stage=cfg.hops,
+                         epochs_per_stage=cfg.coconut_epochs_per_stage, pad_latent_to_max=True, marker_init_text=OPEN)
 
 
 def epochs(cfg: TestbedConfig) -> int:
@@ -77,7 +79,7 @@ def train_row(cfg: TestbedConfig, row: str, base_dir, train: list[Problem], seed
 @torch.no_grad()
 def measure(model: CoconutModel, items: list[Problem]) -> dict[str, list]:
     """Per-item greedy correctness and generated tokens (latents and pauses counted, as the paper counts them)."""
-    max_new = 3 * items[0].hops + 8  # CoT writes "b9\n" per hop, then "### 6" and <eos>
+    max_new = 3 * max(p.hops for p in items) + 8  # CoT writes "b9\n" per hop, then "### 6" and <eos>
     records, _ = evaluate(model, "coconut", model.config, [example(p) for p in items], batch_size=100,
                           max_new_tokens=max_new, device=torch.device("cpu"), progress=False)
     return {"correct": [r["correct"] for r in records], "generated_tokens": [r["generated_tokens"] for r in records],

@@ -9,11 +9,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from quietstar.core.cli_config import ConfigError, is_int, is_number, require
-from quietstar.testbed.task import MAX_HOPS
+from quietstar.testbed.task import MAX_HOPS, Problem, mixed_problems, problems
 
 QUIET_STAR_ROWS = ("delimiters", "default_markers", "task_markers", "oracle", "reference_objective")
 COCONUT_ROWS = ("cot", "no_cot", "coconut", "no_curriculum", "pause_as_thought")
-BASE_FIELDS = ("hops", "earlier_prob", "data_seed", "base_problems", "base_worked_fraction", "layers", "hidden_size",
+BASE_FIELDS = ("hops", "min_hops", "earlier_prob", "data_seed", "base_problems", "base_worked_fraction", "layers", "hidden_size",
                "heads", "base_steps", "base_batch_size", "base_lr", "base_seed")
 
 
@@ -32,11 +32,13 @@ class TestbedConfig:
     List fields are comma-separated strings on the command line and in YAML ("0,1,2").
 
     Attributes:
-        hops: k, the difficulty: dependent assignments each problem chains.
+        hops: k, the difficulty the table is about (the hardest): dependent assignments each problem chains.
+        min_hops: the easiest difficulty. Training documents (base and arms) are spread evenly over
+            ``min_hops..hops``, and every row is scored at each of them (accuracy against difficulty).
         earlier_prob: chance that a hop (from the third variable on) combines with an earlier variable, not a digit.
         data_seed: seed of the problems (train, valid and test alike).
         base_problems: distinct training problems the base LM and the arms draw their documents from.
-        eval_problems: held-out problems scored per measurement (valid while tuning, test for the table).
+        eval_problems: held-out problems scored per difficulty (valid while tuning, test for the table).
         eval_split: ``valid`` (to choose settings) or ``test`` (the final table).
         base_worked_fraction: share of the base's documents in the worked form (``e?[b9c6d2e6]6``); the rest unworked.
         layers, hidden_size, heads: the base LM (Llama, from scratch; intermediate size 4 * hidden).
@@ -59,6 +61,7 @@ class TestbedConfig:
     """
 
     hops: int = 4
+    min_hops: int = 2
     earlier_prob: float = 0.3
     data_seed: int = 0
     base_problems: int = 20000
@@ -92,6 +95,8 @@ class TestbedConfig:
 
     def __post_init__(self) -> None:
         require(is_int(self.hops) and 1 <= self.hops <= MAX_HOPS, self, "hops", f"must be an integer in 1..{MAX_HOPS}")
+        require(is_int(self.min_hops) and 1 <= self.min_hops <= self.hops, self, "min_hops",
+                f"must be an integer in 1..hops ({self.hops})")
         require(is_number(self.earlier_prob) and 0 <= self.earlier_prob <= 1, self, "earlier_prob", "must be a number in [0, 1]")
         for name in ("data_seed", "base_seed"):
             require(is_int(getattr(self, name)), self, name, "must be an integer")
@@ -122,6 +127,11 @@ class TestbedConfig:
         return self.qs_thought_len or 2 * self.hops
 
     @property
+    def hop_range(self) -> tuple[int, ...]:
+        """The difficulties trained on and scored: ``min_hops..hops``."""
+        return tuple(range(self.min_hops, self.hops + 1))
+
+    @property
     def seed_list(self) -> tuple[int, ...]:
         return _int_list(self.seeds)
 
@@ -132,6 +142,15 @@ class TestbedConfig:
     @property
     def coconut_row_list(self) -> tuple[str, ...]:
         return _name_list(self.coconut_rows)
+
+    def train_problems(self) -> list[Problem]:
+        """The ``base_problems`` training problems, spread evenly over ``hop_range`` and shuffled."""
+        return mixed_problems("train", self.base_problems, self.hop_range, self.data_seed, self.earlier_prob)
+
+    def held_out_problems(self, split: str | None = None) -> list[Problem]:
+        """``eval_problems`` problems of ``split`` (default ``eval_split``) at each difficulty, easiest first."""
+        split = split or self.eval_split
+        return [p for k in self.hop_range for p in problems(split, self.eval_problems, k, self.data_seed, self.earlier_prob)]
 
     def base_key(self) -> str:
         """A short hash of the fields that decide the base LM: runs with equal keys share one cached base."""

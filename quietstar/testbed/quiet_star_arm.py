@@ -172,8 +172,8 @@ def answer_scores(model: QuietStarModel, chunk: list[Problem], generator: torch.
 
 @torch.no_grad()
 def measure(model: QuietStarModel, items: list[Problem], seed: int, batch_size: int = 100) -> dict[str, list]:
-    """Per-item measurements of the answer token of ``items`` (``answer_scores``) and the greedy thought at ``?`` as
-    text (``thought``); every list is len(items).
+    """Per-item measurements of the answer token of ``items`` (``answer_scores``, batched by hop count) and the greedy
+    thought at ``?`` as text (``thought``); every list is len(items), in the order of ``items``.
 
     A thought is written together with the text ``<sot>`` started as (``[`` holds nothing; the task row's ``b`` is
     the chain's first character), so ``task.chain_content`` reads it the same way for every row.
@@ -182,9 +182,15 @@ def measure(model: QuietStarModel, items: list[Problem], seed: int, batch_size: 
     generator = torch.Generator().manual_seed(seed)
     opened = cfg.marker_init_text if cfg.marker_init_text.isalnum() else ""
     out: dict[str, list] = {}
-    for start in range(0, len(items), batch_size):
-        scores = answer_scores(model, items[start:start + batch_size], generator)
-        scores["thought"] = [opened + tokenizer.decode(t, skip_special_tokens=False) for t in scores.pop("greedy_thought")]
-        for name, values in scores.items():
-            out.setdefault(name, []).extend(values)
-    return out
+    positions: list[int] = []
+    for hops in sorted({p.hops for p in items}):  # a batch holds one question length
+        index = [i for i, p in enumerate(items) if p.hops == hops]
+        for start in range(0, len(index), batch_size):
+            chunk = index[start:start + batch_size]
+            scores = answer_scores(model, [items[i] for i in chunk], generator)
+            scores["thought"] = [opened + tokenizer.decode(t, skip_special_tokens=False) for t in scores.pop("greedy_thought")]
+            for name, values in scores.items():
+                out.setdefault(name, []).extend(values)
+            positions += chunk
+    order = sorted(range(len(positions)), key=positions.__getitem__)
+    return {name: [values[j] for j in order] for name, values in out.items()}

@@ -10,7 +10,7 @@ writes into ``DIR``:
                                 is not run again, so an interrupted table resumes where it stopped)
     table.json, table.md        means over seeds +- standard error, paired comparisons with sign tests
     own_vs_shuffled.png         held-out answer NLL with own and shuffled thoughts against training step
-    accuracy.png                greedy answer accuracy of every row
+    accuracy.png                greedy answer accuracy of every row against difficulty
 
 Rows run side by side in ``workers`` processes of ``threads`` threads each.
 """
@@ -40,8 +40,7 @@ def job_name(arm: str, row: str, seed: int) -> str:
 def run_job(cfg: TestbedConfig, arm: str, row: str, seed: int, base_dir: str, path: str) -> str:
     """Train one row with one seed from the base, score it on the held-out split, and write ``path``."""
     torch.set_num_threads(cfg.threads)
-    train = task.problems("train", cfg.base_problems, cfg.hops, cfg.data_seed, cfg.earlier_prob)
-    held_out = task.problems(cfg.eval_split, cfg.eval_problems, cfg.hops, cfg.data_seed, cfg.earlier_prob)
+    train, held_out = cfg.train_problems(), cfg.held_out_problems()
     desc = job_name(arm, row, seed)
     if arm == "quietstar":
         probe = task.problems("valid", PROBE_PROBLEMS, cfg.hops, cfg.data_seed, cfg.earlier_prob)
@@ -103,19 +102,28 @@ def chain_means(thoughts: list[str], held_out: list[task.Problem]) -> tuple[floa
     return mean(exact for exact, _ in content), mean(values for _, values in content)
 
 
+def pick(values: list, index: list[int]) -> list:
+    return [values[i] for i in index]
+
+
 def summarise(cfg: TestbedConfig, jobs: dict[tuple[str, str, int], dict], held_out: list[task.Problem]) -> dict:
-    """Per row: each metric's mean +- SE over seeds; the paired comparisons the testbed is about."""
+    """Per row: each metric's mean +- SE over seeds at the hardest difficulty (``hops``), accuracy at every
+    difficulty (``by_hops``), and the paired comparisons the testbed is about (at the hardest difficulty)."""
     seeds = cfg.seed_list
-    quiet, coconut, comparisons = {}, {}, {}
+    at = {k: [i for i, p in enumerate(held_out) if p.hops == k] for k in cfg.hop_range}
+    hard = at[cfg.hops]
+    quiet, coconut, comparisons, by_hops = {}, {}, {}, {}
     for row in cfg.quiet_star_rows:
         runs = [jobs[("quietstar", row, s)] for s in seeds]
-        quiet[row] = {m: mean_se([mean(r["after"][m]) for r in runs]) for m in QS_METRICS}
+        after = [{m: pick(r["after"][m], hard) for m in QS_METRICS} for r in runs]
+        quiet[row] = {m: mean_se([mean(a[m]) for a in after]) for m in QS_METRICS}
         for phase, prefix in (("before", "before_"), ("after", "")):
-            content = [chain_means(r[phase]["thought"], held_out) for r in runs]
+            content = [chain_means(pick(r[phase]["thought"], hard), pick(held_out, hard)) for r in runs]
             quiet[row][f"{prefix}chain_exact"] = mean_se([exact for exact, _ in content])
             quiet[row][f"{prefix}chain_values"] = mean_se([values for _, values in content])
         quiet[row]["answer_mixing_weight"] = mean_se([r["log"][-1]["answer_mixing_weight"] for r in runs])
-        after = [r["after"] for r in runs]
+        for metric, label in (("correct_no_thought", "no thought"), ("correct_thought", "thought")):
+            by_hops[f"QS {row}: {label}"] = {k: mean_se([mean(pick(r["after"][metric], at[k])) for r in runs]) for k in at}
         comparisons[f"quietstar/{row}: own sampled vs shuffled thoughts, answer NLL"] = paired(
             [a["own_sampled_nll"] for a in after], [a["shuffled_nll"] for a in after], lower_is_better=True)
         comparisons[f"quietstar/{row}: own sampled thoughts vs base, answer NLL"] = paired(
@@ -124,15 +132,17 @@ def summarise(cfg: TestbedConfig, jobs: dict[tuple[str, str, int], dict], held_o
             [a["correct_thought"] for a in after], [a["correct_no_thought"] for a in after], lower_is_better=False)
     for row in cfg.coconut_row_list:
         runs = [jobs[("coconut", row, s)]["after"] for s in seeds]
-        coconut[row] = {"accuracy": mean_se([mean(r["correct"]) for r in runs]),
-                        "generated_tokens": mean_se([mean(r["generated_tokens"]) for r in runs])}
+        coconut[row] = {"accuracy": mean_se([mean(pick(r["correct"], hard)) for r in runs]),
+                        "generated_tokens": mean_se([mean(pick(r["generated_tokens"], hard)) for r in runs])}
+        by_hops[f"Coconut {row}"] = {k: mean_se([mean(pick(r["correct"], at[k])) for r in runs]) for k in at}
     for a, b in (("coconut", "no_cot"), ("coconut", "pause_as_thought"), ("coconut", "cot"), ("coconut", "no_curriculum")):
         if a in coconut and b in coconut:
             comparisons[f"coconut: {a} vs {b}, accuracy"] = paired(
-                [jobs[("coconut", a, s)]["after"]["correct"] for s in seeds],
-                [jobs[("coconut", b, s)]["after"]["correct"] for s in seeds], lower_is_better=False)
+                [pick(jobs[("coconut", a, s)]["after"]["correct"], hard) for s in seeds],
+                [pick(jobs[("coconut", b, s)]["after"]["correct"], hard) for s in seeds], lower_is_better=False)
     return {"seeds": list(seeds), "split": cfg.eval_split, "items": cfg.eval_problems, "hops": cfg.hops,
-            "quietstar": quiet, "coconut": coconut, "comparisons": comparisons}
+            "hop_range": list(cfg.hop_range), "quietstar": quiet, "coconut": coconut, "by_hops": by_hops,
+            "comparisons": comparisons}
 
 
 def _cell(value: tuple[float, float], percent: bool = False) -> str:
@@ -142,8 +152,10 @@ def _cell(value: tuple[float, float], percent: bool = False) -> str:
 
 def markdown(summary: dict, base: dict) -> str:
     """table.md: the base, both arms' rows and the comparisons."""
-    lines = [f"# Reasoning testbed: {summary['hops']} hops, {summary['items']} {summary['split']} problems, "
-             f"seeds {', '.join(map(str, summary['seeds']))}", "",
+    hops = summary["hop_range"]
+    lines = [f"# Reasoning testbed: {summary['hops']} hops, {summary['items']} {summary['split']} problems per difficulty "
+             f"({', '.join(map(str, hops))} hops), seeds {', '.join(map(str, summary['seeds']))}", "",
+             f"Every table but the accuracy against difficulty is at the hardest difficulty, {summary['hops']} hops.", "",
              f"Base LM: greedy accuracy {100 * base['free_accuracy']:.1f} % as it likes (opens the aside "
              f"{100 * base['opened_aside']:.1f} %), {100 * base['direct_accuracy']:.1f} % answering at once, "
              f"{100 * base['worked_accuracy']:.1f} % when the aside is opened for it.", ""]
@@ -163,6 +175,14 @@ def markdown(summary: dict, base: dict) -> str:
         for row, r in summary["coconut"].items():
             lines.append(f"| {row} | {_cell(r['accuracy'], True)} | {r['generated_tokens'][0]:.1f} |")
         lines.append("")
+    base_by_hops = {int(k): v for k, v in base["by_hops"].items()}
+    lines += ["## Accuracy against difficulty (greedy answer accuracy %; mean ± SE over seeds)", "",
+              "| row | " + " | ".join(f"{k} hops" for k in hops) + " |", "|---" * (len(hops) + 1) + "|",
+              "| base LM, answering at once | " + " | ".join(f"{100 * base_by_hops[k]['direct_accuracy']:.1f}" for k in hops) + " |",
+              "| base LM, as it likes | " + " | ".join(f"{100 * base_by_hops[k]['free_accuracy']:.1f}" for k in hops) + " |"]
+    for name, values in summary["by_hops"].items():
+        lines.append(f"| {name} | " + " | ".join(_cell(values[k], True) for k in hops) + " |")
+    lines.append("")
     lines += ["## Paired comparisons (a - b over seeds ± SE; sign test over seed × item pairs)", "",
               "| comparison | a - b | wins / losses | sign-test p | beyond 2 SE |", "|---|---|---|---|---|"]
     for name, c in summary["comparisons"].items():
@@ -172,7 +192,8 @@ def markdown(summary: dict, base: dict) -> str:
 
 
 def plots(cfg: TestbedConfig, jobs: dict, summary: dict, out: Path) -> None:
-    """own_vs_shuffled.png (held-out NLL against step, mean over seeds) and accuracy.png."""
+    """own_vs_shuffled.png (held-out NLL against step, mean over seeds) and accuracy.png (accuracy against difficulty,
+    every row)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -194,21 +215,18 @@ def plots(cfg: TestbedConfig, jobs: dict, summary: dict, out: Path) -> None:
         fig.tight_layout()
         fig.savefig(out / "own_vs_shuffled.png", dpi=110)
         plt.close(fig)
-    names, values, errors = [], [], []
-    for row, r in summary["quietstar"].items():
-        names += [f"QS {row}\nno thought", f"QS {row}\nthought"]
-        values += [r["correct_no_thought"][0], r["correct_thought"][0]]
-        errors += [r["correct_no_thought"][1], r["correct_thought"][1]]
-    for row, r in summary["coconut"].items():
-        names.append(f"Coconut\n{row}")
-        values.append(r["accuracy"][0])
-        errors.append(r["accuracy"][1])
-    if names:
-        fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(names)), 3.6))
-        ax.bar(range(len(names)), [100 * v for v in values], yerr=[100 * e for e in errors], capsize=3)
-        ax.set_xticks(range(len(names)), names, fontsize=7)
-        ax.set_ylabel(f"greedy answer accuracy % ({summary['hops']} hops)")
-        ax.set_ylim(0, 100)
+    hops = summary["hop_range"]
+    if summary["by_hops"]:
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for name, values in summary["by_hops"].items():
+            style = "--" if name.endswith("no thought") else "-"
+            ax.errorbar(hops, [100 * values[k][0] for k in hops], yerr=[100 * values[k][1] for k in hops], fmt=style + "o",
+                        capsize=3, markersize=3, label=name)
+        ax.set_xticks(hops)
+        ax.set_xlabel("hops (difficulty)")
+        ax.set_ylabel(f"greedy answer accuracy % ({summary['split']})")
+        ax.set_ylim(0, 102)
+        ax.legend(fontsize=6, loc="lower left")
         fig.tight_layout()
         fig.savefig(out / "accuracy.png", dpi=110)
         plt.close(fig)
@@ -220,8 +238,7 @@ def run_table(cfg: TestbedConfig, out: Path, cache: Path) -> dict:
     (out / "jobs").mkdir(exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
     torch.set_num_threads(cfg.threads)
-    train = task.problems("train", cfg.base_problems, cfg.hops, cfg.data_seed, cfg.earlier_prob)
-    held_out = task.problems(cfg.eval_split, cfg.eval_problems, cfg.hops, cfg.data_seed, cfg.earlier_prob)
+    train, held_out = cfg.train_problems(), cfg.held_out_problems()
     base = base_report(cfg, train, held_out, cache)
     base_dir = base["directory"]
     (out / "base.json").write_text(json.dumps(base, indent=1) + "\n")
