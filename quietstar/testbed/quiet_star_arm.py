@@ -90,9 +90,9 @@ def train_row(cfg: TestbedConfig, row: str, base_dir, train: list[Problem], prob
               desc: str) -> tuple[QuietStarModel, list[dict]]:
     """Quiet-STaR continued pretraining of the base in ``base_dir`` on unworked documents: the model and a log.
 
-    The log has a record every ``max(1, qs_steps // 30)`` steps: losses, reward, the mixing weight at the answer,
-    the markers' drift, the policy/LM gradient norms (``quiet_star.diagnostics``, every third record), and the mean
-    answer NLLs (``answer_scores``) of the held-out ``probe`` problems.
+    The log has a record at step 1 and every ``max(1, qs_steps // 10)`` steps: losses, reward, the mixing weight at
+    the answer, the markers' drift, the policy/LM gradient norms (``quiet_star.diagnostics``), and the mean answer
+    NLLs (``answer_scores``) of the held-out ``probe`` problems (a probe costs about two training steps).
     """
     model = fresh_model(cfg, row, base_dir, seed).train()
     tokenizer, method = model.tokenizer, model.config
@@ -102,13 +102,13 @@ def train_row(cfg: TestbedConfig, row: str, base_dir, train: list[Problem], prob
     by_question = {p.unworked: p for p in train}
     documents = iter_documents(train, 0.0, seed)
     generator = torch.Generator().manual_seed(seed)
-    every, log, started = max(1, cfg.qs_steps // 30), [], time.perf_counter()
+    every, log, started = max(1, cfg.qs_steps // 10), [], time.perf_counter()
     for step in tqdm(range(1, cfg.qs_steps + 1), desc=desc, leave=False, mininterval=10):
         texts = [next(documents) for _ in range(cfg.qs_batch_size)]
         batch = document_batch(texts, tokenizer)
         ids, mask = batch["input_ids"], batch["attention_mask"]
         thoughts = oracle_thoughts([by_question[t] for t in texts], ids, method, tokenizer) if row == "oracle" else None
-        if row != "oracle" and (step == 1 or step % (3 * every) == 0):  # an extra forward and two backwards: a third as often
+        if row != "oracle" and (step == 1 or step % every == 0):  # an extra forward and two backwards
             grads = gradient_norms(model, ids, mask, torch.Generator().manual_seed(seed + step))
         else:
             grads = {}
