@@ -14,7 +14,7 @@ from quietstar import QuietStarConfig, QuietStarModel
 
 from transformers import AttentionInterface
 
-from quietstar.quiet_star.thought_attention import ThoughtLayout, resolve_backend, thought_attention_mask
+from quietstar.quiet_star.thought_attention import ThoughtLayout, resolve_backend, thought_attention_mask, thought_block_mask
 
 RTOL = 1e-5
 WELL_CONDITIONED = ("loss", "base_nll", "talk_nll", "mixing_weight_mean")
@@ -222,6 +222,37 @@ def test_thought_attention_kernels_match_a_dense_mask(backend, first_segment, q_
     if backend != "flex":
         for name, grad, ref in zip("qkv", grads, expected_grads):
             torch.testing.assert_close(grad, ref, rtol=1e-5, atol=1e-5, msg=lambda m: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("length,q_segments,k_segments,first_segment,block", [
+    (13, 3, 3, 0, 8), (16, 2, 5, 3, 8), (7, 4, 4, 0, 4), (20, 1, 1, 0, 8), (9, 1, 6, 5, 4), (32, 3, 3, 0, 16)])
+def test_the_block_mask_has_the_tiles_of_a_dense_evaluation(length, q_segments, k_segments, first_segment, block):
+    """thought_block_mask builds its tiles from the rule's structure; create_block_mask evaluates the rule densely."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    text_mask = torch.ones(3, length, dtype=torch.bool)
+    text_mask[1, :3] = False  # left padded
+    text_mask[2, -5:] = False  # right padded
+    ours = thought_block_mask(text_mask, ThoughtLayout(length, first_segment, "flex"), q_segments, k_segments, block)
+    dense = create_block_mask(lambda b, h, q, k: dense_rule(b, q, k, text_mask, length, first_segment), 3, None,
+                              q_segments * length, k_segments * length, device="cpu", BLOCK_SIZE=block)
+
+    def tiles(mask, full):
+        counts = mask.full_kv_num_blocks if full else mask.kv_num_blocks
+        index = mask.full_kv_indices if full else mask.kv_indices
+        return [[sorted(index[b, 0, i, :counts[b, 0, i]].tolist()) for i in range(counts.shape[-1])] for b in range(3)]
+
+    assert tiles(ours, full=False) == tiles(dense, full=False)
+    assert tiles(ours, full=True) == tiles(dense, full=True)
+    assert int(ours.kv_num_blocks.sum()) > 0
+    if length % block == 0:  # whole text tiles under the diagonal: full ones occur
+        assert int(ours.full_kv_num_blocks.sum()) > 0
+
+
+def dense_rule(b, q, k, text_mask, length, first_segment):
+    """The diagonal rule for index tensors, written apart from the library's mask_mod."""
+    q_segment, q_pos, k_segment, k_pos = q // length + first_segment, q % length, k // length, k % length
+    return torch.where(k_segment == 0, (k_pos <= q_pos) & text_mask[b, k_pos], (k_pos == q_pos) & (k_segment <= q_segment))
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import torch
 from torch.utils.checkpoint import checkpoint
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
@@ -96,15 +96,32 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def thought_block_mask(text_mask: torch.Tensor, layout: ThoughtLayout, n_query_segments: int, n_key_segments: int) -> BlockMask:
-    """The diagonal attention rule as a FlexAttention ``BlockMask``.
+def thought_block_mask(text_mask: torch.Tensor, layout: ThoughtLayout, n_query_segments: int, n_key_segments: int,
+                       block_size: int = 128) -> BlockMask:
+    """The diagonal attention rule as a FlexAttention ``BlockMask``, built from its block structure.
+
+    Which ``block_size`` x ``block_size`` tiles the rule leaves empty, fills, or fills in part follows from the
+    rule itself, so no dense [Q, KV] mask is evaluated (``create_block_mask`` uncompiled evaluates one per call:
+    about 1 GB at L = 512, M = 24, four rows). The tiles, per row b and query tile i:
+
+        text tiles (keys of segment 0): some pair allowed when the tile's first real (non-padding) key position is
+            <= the largest query position in tile i; every pair allowed when the tile is whole, lies in segment 0,
+            holds no padding, and its last key position is <= the smallest query position in tile i;
+        thought tiles: those holding a key s * L + t with 1 <= s <= the query's segment, for each query (segment,
+            t) of tile i; never full (one key per position).
+
+    Memory is O(Q * S_k + tiles). ``mask_mod`` is attached, so partial tiles are masked exactly.
 
     Args:
         text_mask: [N, L] bool, True on real (non-padding) text tokens.
         layout: the queries' segments.
         n_query_segments, n_key_segments: query and key lengths in segments.
+        block_size: the tile edge (FlexAttention's default, 128).
     """
     length, first = layout.length, layout.first_query_segment
+    device, rows = text_mask.device, text_mask.shape[0]
+    q_len, kv_len = n_query_segments * length, n_key_segments * length
+    n_q, n_kv = -(-q_len // block_size), -(-kv_len // block_size)
 
     def mask_mod(b, h, q_idx, kv_idx):
         q_segment, q_pos = q_idx // length + first, q_idx % length
@@ -113,10 +130,36 @@ def thought_block_mask(text_mask: torch.Tensor, layout: ThoughtLayout, n_query_s
         thought = (kv_segment >= 1) & (kv_segment <= q_segment) & (kv_pos == q_pos)
         return text | thought
 
-    rows = text_mask.shape[0]
-    return create_block_mask(
-        mask_mod, rows, None, n_query_segments * length, n_key_segments * length, device=text_mask.device
-    )
+    q = torch.arange(q_len, device=device)
+    q_tile, q_pos, q_segment = q // block_size, q % length, q // length + first
+    max_pos = torch.full((n_q,), -1, device=device).scatter_reduce(0, q_tile, q_pos, "amax")
+    min_pos = torch.full((n_q,), length, device=device).scatter_reduce(0, q_tile, q_pos, "amin")
+    start = torch.arange(n_kv, device=device) * block_size  # first key of each tile
+    stop = torch.clamp(start + block_size, max=kv_len)  # one past its last key
+    # Text tiles: the first real key of each tile (length when none), and whether the tile holds padding.
+    positions = torch.arange(length, device=device)
+    in_tile = (positions[None, :] >= start[:, None]) & (positions[None, :] < stop[:, None])  # [n_kv, L]
+    real = text_mask.bool()[:, None, :] & in_tile[None]  # [N, n_kv, L]
+    first_real = torch.where(real, positions, length).amin(-1)  # [N, n_kv]
+    no_padding = (real.sum(-1) == in_tile.sum(-1)) & (stop <= length) & (stop - start == block_size)  # [N, n_kv]
+    text_any = first_real[:, None, :] <= max_pos[None, :, None]  # [N, n_q, n_kv]
+    whole_q = (torch.arange(1, n_q + 1, device=device) * block_size) <= q_len
+    full = no_padding[:, None, :] & ((stop - 1)[None, None, :] <= min_pos[None, :, None]) & whole_q[None, :, None]
+    # Thought tiles: the key s * L + t of each query (segment, t) and key segment 1 <= s <= segment.
+    key_segments = torch.arange(1, n_key_segments, device=device)
+    allowed = key_segments[None, :] <= q_segment[:, None]  # [Q, S_k - 1]
+    key_tile = (key_segments[None, :] * length + q_pos[:, None]) // block_size
+    thought_any = torch.zeros(n_q * n_kv, dtype=torch.bool, device=device)
+    thought_any[(q_tile[:, None] * n_kv + key_tile)[allowed]] = True
+    partial = (text_any | thought_any.view(1, n_q, n_kv)) & ~full
+
+    def blocks(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        count = tiles.sum(-1, dtype=torch.int32)[:, None]  # [N, 1, n_q]
+        index = torch.argsort(~tiles, dim=-1, stable=True).to(torch.int32)[:, None]  # [N, 1, n_q, n_kv], chosen first
+        return count, index
+
+    return BlockMask.from_kv_blocks(*blocks(partial), *blocks(full), BLOCK_SIZE=block_size, mask_mod=mask_mod,
+                                    seq_lengths=(q_len, kv_len))
 
 
 def thought_attention_mask(
