@@ -12,11 +12,16 @@ is forward, backward and an AdamW update; ``step_s`` is the median over
 text (speed does not depend on them). Generation rows compare tokens/s of
 ``quietstar.generation.generate`` with thoughts on and off.
 
+On the CPU the first row measures the machine's matmul rate (a square ``--gemm-size`` GEMM in the
+grid's dtype and thread count), and every row's MFU is its model FLOP/s over that rate: the
+CPU's roofline. ``plain_step`` rows run the LM alone (forward, backward, AdamW) on as many tokens
+as the grid point's step trains (``plain_tokens``): the MFU a Quiet-STaR step should match.
+
 ``--lora-ranks 0 16`` adds, for the efficient formulation, rows where the base LM is frozen and
 rank-16 LoRA adapters (``core.lora``, every linear layer) train instead: the LoRA column.
 
 Prints a table and writes a JSON list of rows:
-    kind ("train_step" | "generation"), formulation ("efficient" | "oracle"; for
+    kind ("gemm" | "train_step" | "plain_step" | "generation"), formulation ("efficient" | "oracle"; for
     generation "thoughts" | "no thoughts"), checkpointing (activation checkpointing on),
     lora_rank (0: every weight trains), model (the shape: ``MODELS``),
     seq_len, thought_len, n_true, n_thoughts, batch_size, step_s, peak_mem_mb,
@@ -146,6 +151,79 @@ def run_train_row(spec: dict) -> dict:
     return row
 
 
+def plain_tokens(spec: dict) -> int:
+    """Tokens of the plain row matched to a Quiet-STaR grid point: every token the step trains on,
+    ``batch * L * (1 + R * (M + K + 1))`` (the text, and R thoughts of M tokens plus K+1 talk positions per token)."""
+    return spec["batch_size"] * spec["seq_len"] * (1 + spec["n_thoughts"] * (spec["thought_len"] + spec["n_true"] + 1))
+
+
+def run_plain_row(spec: dict) -> dict:
+    """The LM alone, forward + backward + AdamW, on ``plain_tokens(spec)`` tokens as rows of L: the MFU to match."""
+    import torch
+
+    device = spec["device"]
+    torch.manual_seed(0)
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(max_position_embeddings=4096, **MODELS[spec["model"]])
+    with torch.device(device):
+        lm = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=getattr(torch, spec["dtype"]))
+    lm.train()
+    optimizer = torch.optim.AdamW(lm.parameters(), lr=1e-6)
+    rows = plain_tokens(spec) // spec["seq_len"]
+    ids = torch.randint(2, cfg.vocab_size, (rows, spec["seq_len"]), generator=torch.Generator().manual_seed(0)).to(device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def one_step() -> float:
+        sync()
+        start = time.perf_counter()
+        lm(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync()
+        return time.perf_counter() - start
+
+    for _ in range(spec["warmup"]):
+        one_step()
+    step_s = statistics.median(one_step() for _ in range(spec["steps"]))
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda")
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    flops = plain_flops(cfg, rows, spec["seq_len"])
+    return dict(spec, step_s=step_s, peak_mem_mb=peak, tokens_per_s=rows * spec["seq_len"] / step_s,
+                tflops=flops / step_s / 1e12, mfu=None, device=device_name(device), status="ok")
+
+
+def plain_flops(cfg, rows: int, length: int) -> float:
+    """Model FLOPs of a plain causal-LM training step on ``rows`` x ``length`` tokens (step_flops' counting)."""
+    h, layers = cfg.hidden_size, cfg.num_hidden_layers
+    q_width = cfg.num_attention_heads * (h // cfg.num_attention_heads)
+    kv_width = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
+    per_token = 2 * layers * (2 * h * q_width + 2 * h * kv_width + 3 * h * cfg.intermediate_size)
+    tokens = rows * length
+    return 3 * (tokens * per_token + tokens * (length + 1) / 2 * 4 * layers * q_width + tokens * 2 * h * cfg.vocab_size)
+
+
+def run_gemm_row(spec: dict) -> dict:
+    """The machine's matmul rate: a square GEMM of ``spec['gemm_size']`` in the grid's dtype, median of 5 after 2."""
+    import torch
+
+    n, device = spec["gemm_size"], spec["device"]
+    a, b = (torch.randn(n, n, dtype=getattr(torch, spec["dtype"]), device=device) for _ in range(2))
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def once() -> float:
+        sync()
+        start = time.perf_counter()
+        a @ b
+        sync()
+        return time.perf_counter() - start
+
+    for _ in range(2):
+        once()
+    seconds = statistics.median(once() for _ in range(5))
+    return dict(spec, step_s=seconds, tflops=2 * n**3 / seconds / 1e12, device=device_name(device), status="ok")
+
+
 def run_generation_row(spec: dict) -> dict:
     import torch
 
@@ -184,7 +262,12 @@ def device_name(device: str) -> str:
 
 def _child(spec: dict, conn) -> None:
     try:
-        row = run_train_row(spec) if spec["kind"] == "train_step" else run_generation_row(spec)
+        import torch
+
+        if spec.get("threads"):
+            torch.set_num_threads(spec["threads"])
+        run = {"train_step": run_train_row, "plain_step": run_plain_row, "gemm": run_gemm_row}.get(spec["kind"], run_generation_row)
+        row = run(spec)
         conn.send(("ok", row))
     except Exception as error:  # reported as the row's status
         conn.send(("error", f"{type(error).__name__}: {error}"))
@@ -252,6 +335,11 @@ def ratios(rows: list[dict]) -> list[str]:
         if oracle:
             out.append(f"L={r['seq_len']:>4} M={r['thought_len']:>2} {label(r):<15}: /oracle time {r['step_s'] / oracle['step_s']:.2f}, "
                        f"peak memory {r['peak_mem_mb'] / oracle['peak_mem_mb']:.2f}")
+        plain = next((p for p in rows if p["kind"] == "plain_step" and p["status"] == "ok" and p["seq_len"] == r["seq_len"]
+                      and p["thought_len"] == r["thought_len"]), None)
+        if plain and r.get("mfu") and plain.get("mfu"):
+            out.append(f"L={r['seq_len']:>4} M={r['thought_len']:>2} {label(r):<15}: MFU {r['mfu']:.1%} against the plain "
+                       f"LM step's {plain['mfu']:.1%} on the same tokens ({r['mfu'] / plain['mfu']:.2f}x)")
     return out
 
 
@@ -273,6 +361,10 @@ def main() -> None:
                         help="LoRA ranks of the efficient rows; 0 trains every weight (e.g. --lora-ranks 0 16)")
     parser.add_argument("--checkpointing-rows", action=argparse.BooleanOptionalAction, default=True,
                         help="also run the efficient step with activation checkpointing at the longest L")
+    parser.add_argument("--plain-rows", action=argparse.BooleanOptionalAction, default=True,
+                        help="also run the LM alone (forward + backward + AdamW) on as many tokens as each grid point trains")
+    parser.add_argument("--threads", type=int, help="torch threads of every row (default: torch's own choice)")
+    parser.add_argument("--gemm-size", type=int, default=2048, help="edge of the square GEMM that measures the CPU's matmul rate")
     args = parser.parse_args()
 
     import torch
@@ -287,12 +379,15 @@ def main() -> None:
     grid["batch_size"] = args.batch_size or grid["batch_size"]
     model = args.model or DEFAULT_MODEL["cuda" if device.startswith("cuda") else "cpu"]
     common = dict(device=device, model=model, dtype=grid["dtype"], n_true=grid["n_true"], n_thoughts=grid["n_thoughts"],
-                  batch_size=grid["batch_size"], steps=args.steps, warmup=args.warmup)
+                  batch_size=grid["batch_size"], steps=args.steps, warmup=args.warmup, threads=args.threads)
     # Activation checkpointing (which the oracle cannot use) is measured at the longest L.
     specs = [dict(common, kind="train_step", formulation=f, checkpointing=ckpt, seq_len=L, thought_len=M, lora_rank=rank)
              for L in grid["seq_len"] for M in grid["thought_len"] for f in args.formulations
              for ckpt in ([False, True] if f == "efficient" and L == max(grid["seq_len"]) and args.checkpointing_rows else [False])
              for rank in (args.lora_ranks if f == "efficient" else [0])]
+    if args.plain_rows:
+        specs += [dict(common, kind="plain_step", formulation="plain", checkpointing=False, seq_len=L, thought_len=M)
+                  for L in grid["seq_len"] for M in grid["thought_len"]]
     if args.generation_tokens > 0:
         M = grid["thought_len"][len(grid["thought_len"]) // 2]
         specs += [dict(common, kind="generation", formulation="", checkpointing=False, seq_len=grid["seq_len"][0],
@@ -302,15 +397,23 @@ def main() -> None:
     started = time.perf_counter()
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
+    gemm = None
+    if not device.startswith("cuda"):  # the CPU's roofline: its measured matmul rate, in the rows' dtype and threads
+        gemm = run_row_in_child(dict(common, kind="gemm", gemm_size=args.gemm_size), args.row_timeout)
+        rows.append(gemm)
+        print(f"GEMM {args.gemm_size}x{args.gemm_size} {grid['dtype']}: {gemm.get('tflops', 0) * 1e3:.1f} GFLOP/s "
+              f"({gemm['status']}); CPU MFU below is model FLOP/s over this rate", flush=True)
     for spec in specs:
         row = run_row_in_child(spec, args.row_timeout)
+        if gemm and gemm["status"] == "ok" and row.get("tflops"):
+            row["mfu"] = row["tflops"] / gemm["tflops"]
         row.setdefault("formulation", spec["formulation"])
         rows.append(row)
         print(format_table([row]).splitlines()[-1], flush=True)
         if args.json:  # after every row, so that a run stopped early keeps the rows it finished
             args.json.write_text(json.dumps(rows, indent=2) + "\n")
     print()
-    print(format_table(rows))
+    print(format_table([r for r in rows if r["kind"] != "gemm"]))
     for line in ratios(rows):
         print(line)
     print(f"device: {rows[0].get('device', device)}; total {time.perf_counter() - started:.0f} s")
