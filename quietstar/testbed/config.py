@@ -87,7 +87,7 @@ class TestbedConfig:
     coconut_latents_per_step: int = 1
     coconut_epochs_per_stage: int = 1
     coconut_batch_size: int = 32
-    coconut_lr: float = 1e-3
+    coconut_lr: float = 1e-4
     coconut_train_problems: int = 4000
     seeds: str = "1,2,3"
     threads: int = 1
