@@ -84,7 +84,19 @@ def save_model(directory: Path, args: argparse.Namespace) -> int:
 
 
 def worker(model_dir: str, method: str, mode: str, out_dir: str, precision: str, ds_path: str) -> None:
-    """One rank: load, then ``deepspeed.initialize``; write its memory figures to ``out_dir/rank<N>.json``."""
+    """One rank: load, then ``deepspeed.initialize``; write its memory figures to ``out_dir/rank<N>.json``.
+
+    The body runs inside ``run_recipe``, as the recipes' does, so that torch's process group and DeepSpeed's references
+    to it are torn down before the interpreter exits (a rank exiting with them alive can abort in gloo's threads:
+    "terminate called without an active exception")."""
+    from quietstar.training.engine import run_recipe
+
+    if run_recipe("zero3_load worker", lambda: measure_rank(model_dir, method, mode, out_dir, precision, ds_path)) != 0:
+        raise SystemExit(2)
+
+
+def measure_rank(model_dir: str, method: str, mode: str, out_dir: str, precision: str, ds_path: str) -> None:
+    """The worker's body: one rank's load and ``deepspeed.initialize``, measured."""
     import torch.distributed as dist
 
     from quietstar.coconut.config import CoconutConfig
@@ -117,7 +129,6 @@ def worker(model_dir: str, method: str, mode: str, out_dir: str, precision: str,
                held_after_initialize=parameter_counts(engine.module.lm)[0])
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(row) + "\n")
     dist.barrier()
-    dist.destroy_process_group()
 
 
 def free_port() -> int:

@@ -15,7 +15,7 @@ def test_train_step_benchmark_writes_its_rows(tmp_path):
     out = tmp_path / "rows.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--device", "cpu", "--seq-lens", "16",
            "--thought-lens", "2", "--steps", "1", "--warmup", "0", "--generation-tokens", "2", "--lora-ranks", "0", "4",
-           "--json", str(out)]
+           "--gemm-size", "64", "--threads", "1", "--json", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     rows = json.loads(out.read_text())
@@ -31,6 +31,36 @@ def test_train_step_benchmark_writes_its_rows(tmp_path):
     assert {r["formulation"] for r in generation} == {"thoughts", "no thoughts"}
     assert all(r["tokens_per_s"] > 0 for r in generation)
     assert "efficient/oracle" in done.stdout or "/oracle time" in done.stdout
+    (gemm,) = [r for r in rows if r["kind"] == "gemm"]  # the CPU roofline every MFU is read against
+    assert gemm["status"] == "ok" and gemm["tflops"] > 0 and "1 threads" in gemm["device"]
+    (plain,) = [r for r in rows if r["kind"] == "plain_step"]
+    assert plain["status"] == "ok" and plain["tokens_per_s"] > 0
+    for row in train + [plain]:
+        assert row["mfu"] == pytest.approx(row["tflops"] / gemm["tflops"])
+    assert "against the plain LM step's" in done.stdout
+
+
+def test_block_mask_benchmark_compares_both_constructions(tmp_path):
+    out = tmp_path / "mask.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "block_mask.py"), "--seq-len", "40", "--thought-len", "3", "--rows", "2",
+           "--repeats", "1", "--json", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr  # it exits non-zero when the two constructions' tiles differ
+    rows = json.loads(out.read_text())
+    assert [r["construction"] for r in rows] == ["tiles", "dense"]
+    assert rows[0]["partial_tiles"] == rows[1]["partial_tiles"] > 0 and all(r["seconds"] > 0 for r in rows)
+
+
+def test_step_profile_gives_every_phase(tmp_path):
+    out = tmp_path / "profile.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "step_profile.py"), "--seq-len", "8", "--thought-len", "2", "--json", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    phases = json.loads(out.read_text())["phases"]
+    for name in ("sampling (no grad)", "replay (decoder, grad)", "logits", "mixing head", "losses", "forward", "backward",
+                 "optimizer"):
+        assert phases[name] > 0, name
+    assert "| phase | seconds | share of step |" in done.stdout
 
 
 def test_generation_benchmark_writes_its_rows(tmp_path):
