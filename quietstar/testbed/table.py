@@ -216,17 +216,25 @@ def plots(cfg: TestbedConfig, jobs: dict, summary: dict, out: Path) -> None:
         fig.savefig(out / "own_vs_shuffled.png", dpi=110)
         plt.close(fig)
     hops = summary["hop_range"]
-    if summary["by_hops"]:
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        for name, values in summary["by_hops"].items():
-            style = "--" if name.endswith("no thought") else "-"
-            ax.errorbar(hops, [100 * values[k][0] for k in hops], yerr=[100 * values[k][1] for k in hops], fmt=style + "o",
-                        capsize=3, markersize=3, label=name)
-        ax.set_xticks(hops)
-        ax.set_xlabel("hops (difficulty)")
-        ax.set_ylabel(f"greedy answer accuracy % ({summary['split']})")
-        ax.set_ylim(0, 102)
-        ax.legend(fontsize=6, loc="lower left")
+    panels = [(title, {n: v for n, v in summary["by_hops"].items() if n.startswith(prefix)})
+              for title, prefix in (("Quiet-STaR (dashed: no thought)", "QS "), ("Coconut", "Coconut "))]
+    panels = [(title, lines) for title, lines in panels if lines]
+    if panels:
+        fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.6), squeeze=False, sharey=True)
+        for ax, (title, lines) in zip(axes[0], panels):
+            rows = list(dict.fromkeys(name.split(": ")[0] for name in lines))  # one colour per row
+            for name, values in lines.items():
+                row = name.split(": ")[0]
+                thought = not name.endswith("no thought")
+                ax.errorbar(hops, [100 * values[k][0] for k in hops], yerr=[100 * values[k][1] for k in hops],
+                            fmt="-o" if thought else "--o", color=f"C{rows.index(row)}", capsize=3, markersize=3,
+                            label=row.removeprefix("QS ").removeprefix("Coconut ") if thought else None)
+            ax.set_title(title, fontsize=10)
+            ax.set_xticks(hops)
+            ax.set_xlabel("hops (difficulty)")
+            ax.set_ylim(0, 102)
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=3, frameon=False)
+        axes[0][0].set_ylabel(f"greedy answer accuracy % ({summary['split']})")
         fig.tight_layout()
         fig.savefig(out / "accuracy.png", dpi=110)
         plt.close(fig)
