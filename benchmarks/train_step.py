@@ -79,22 +79,30 @@ def build(device: str, model_name: str, dtype_name: str, formulation: str, thoug
     return model, config
 
 
+def forward_flops(cfg):
+    """``forward(tokens, keys, logit_tokens)``: model FLOPs of a forward over ``tokens`` tokens that attend to ``keys``
+    keys in all and compute ``logit_tokens`` rows of logits (2 per token per weight, attention and logits counted)."""
+    h, layers, vocab = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
+    head_dim = h // cfg.num_attention_heads
+    q_width, kv_width = cfg.num_attention_heads * head_dim, cfg.num_key_value_heads * head_dim
+    per_token = 2 * layers * (2 * h * q_width + 2 * h * kv_width + 3 * h * cfg.intermediate_size)
+    attention_per_key = 4 * layers * q_width
+
+    def forward(tokens: float, keys: float, logit_tokens: float) -> float:
+        return tokens * per_token + keys * attention_per_key + logit_tokens * 2 * h * vocab
+
+    return forward
+
+
 def step_flops(cfg, batch: int, length: int, M: int, K: int, R: int) -> float:
     """Model FLOPs of one step: 2/token/parameter forward (x3 with backward) plus attention and logits.
 
     Counts every token forwarded: sampling (forward only) and the trained pass,
     with the keys each query really attends to under the diagonal mask.
     """
-    h, layers, vocab = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
-    head_dim = h // cfg.num_attention_heads
-    q_width, kv_width = cfg.num_attention_heads * head_dim, cfg.num_key_value_heads * head_dim
-    per_token = 2 * layers * (2 * h * q_width + 2 * h * kv_width + 3 * h * cfg.intermediate_size)
-    attention_per_key = 4 * layers * q_width
+    forward, h, vocab = forward_flops(cfg), cfg.hidden_size, cfg.vocab_size
     text_keys = (length + 1) / 2  # mean causal keys over positions
     rows = batch * R
-
-    def forward(tokens: float, keys: float, logit_tokens: float) -> float:
-        return tokens * per_token + keys * attention_per_key + logit_tokens * 2 * h * vocab
 
     sampling = forward(batch * length, batch * length * text_keys, 0)
     sampling += sum(forward(rows * length, rows * length * (text_keys + k + 1), rows * length) for k in range(M))
@@ -103,6 +111,30 @@ def step_flops(cfg, batch: int, length: int, M: int, K: int, R: int) -> float:
     trained += sum(forward(rows * length, rows * length * (text_keys + k + 1), 0) for k in range(n_blocks))
     trained += (M + K) * rows * length * 2 * h * vocab  # policy and talk logits
     return sampling + 3 * trained
+
+
+def timed_steps(one_step, spec: dict) -> tuple[float, float]:
+    """Run ``one_step`` ``spec['warmup']`` times untimed, then ``spec['steps']`` times: the median seconds and the
+    peak memory in MB (``torch.cuda.max_memory_allocated`` over the timed steps on a GPU, process RSS on the CPU)."""
+    import torch
+
+    cuda = spec["device"].startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def timed() -> float:
+        sync()
+        start = time.perf_counter()
+        one_step()
+        sync()
+        return time.perf_counter() - start
+
+    for _ in range(spec["warmup"]):
+        timed()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    step_s = statistics.median(timed() for _ in range(spec["steps"]))
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return step_s, peak
 
 
 def run_train_row(spec: dict) -> dict:
@@ -119,28 +151,13 @@ def run_train_row(spec: dict) -> dict:
     optimizer = torch.optim.AdamW(build_param_groups(model, lr=1e-6, weight_decay=0.0))
     g = torch.Generator(device="cpu").manual_seed(0)
     ids = torch.randint(2, cfg.vocab_size, (spec["batch_size"], spec["seq_len"]), generator=g).to(device)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
-    def one_step() -> float:
-        sync()
-        start = time.perf_counter()
-        out = model(ids)
-        out.loss.backward()
+    def one_step() -> None:
+        model(ids).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        sync()
-        return time.perf_counter() - start
 
-    for _ in range(spec["warmup"]):
-        one_step()
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    times = [one_step() for _ in range(spec["steps"])]
-    step_s = statistics.median(times)
-    if device.startswith("cuda"):
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    step_s, peak = timed_steps(one_step, spec)
     flops = step_flops(cfg, spec["batch_size"], spec["seq_len"], spec["thought_len"], spec["n_true"], spec["n_thoughts"])
     row = dict(spec, step_s=step_s, peak_mem_mb=peak, tokens_per_s=spec["batch_size"] * spec["seq_len"] / step_s,
                tflops=flops / step_s / 1e12, mfu=None, device=device_name(device), status="ok",
@@ -172,35 +189,22 @@ def run_plain_row(spec: dict) -> dict:
     optimizer = torch.optim.AdamW(lm.parameters(), lr=1e-6)
     rows = plain_tokens(spec) // spec["seq_len"]
     ids = torch.randint(2, cfg.vocab_size, (rows, spec["seq_len"]), generator=torch.Generator().manual_seed(0)).to(device)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
-    def one_step() -> float:
-        sync()
-        start = time.perf_counter()
+    def one_step() -> None:
         lm(input_ids=ids, labels=ids).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        sync()
-        return time.perf_counter() - start
 
-    for _ in range(spec["warmup"]):
-        one_step()
-    step_s = statistics.median(one_step() for _ in range(spec["steps"]))
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda")
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    step_s, peak = timed_steps(one_step, spec)
     flops = plain_flops(cfg, rows, spec["seq_len"])
     return dict(spec, step_s=step_s, peak_mem_mb=peak, tokens_per_s=rows * spec["seq_len"] / step_s,
                 tflops=flops / step_s / 1e12, mfu=None, device=device_name(device), status="ok")
 
 
 def plain_flops(cfg, rows: int, length: int) -> float:
-    """Model FLOPs of a plain causal-LM training step on ``rows`` x ``length`` tokens (step_flops' counting)."""
-    h, layers = cfg.hidden_size, cfg.num_hidden_layers
-    q_width = cfg.num_attention_heads * (h // cfg.num_attention_heads)
-    kv_width = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
-    per_token = 2 * layers * (2 * h * q_width + 2 * h * kv_width + 3 * h * cfg.intermediate_size)
+    """Model FLOPs of a plain causal-LM training step on ``rows`` x ``length`` tokens (``forward_flops``, x3)."""
     tokens = rows * length
-    return 3 * (tokens * per_token + tokens * (length + 1) / 2 * 4 * layers * q_width + tokens * 2 * h * cfg.vocab_size)
+    return 3 * forward_flops(cfg)(tokens, tokens * (length + 1) / 2, tokens)
 
 
 def run_gemm_row(spec: dict) -> dict:
