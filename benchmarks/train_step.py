@@ -1,4 +1,4 @@
-"""Quiet-STaR training-step speed and memory: the efficient formulation vs the sequential oracle.
+"""Quiet-STaR training-step speed and memory: the one-pass and efficient formulations vs the sequential oracle.
 
     python benchmarks/train_step.py --json results.json          # CPU grid (~20M-parameter Llama)
     python benchmarks/train_step.py --device cuda --json gpu.json  # GPU grid (1B-class Llama, bf16)
@@ -17,11 +17,11 @@ grid's dtype and thread count), and every row's MFU is its model FLOP/s over tha
 CPU's roofline. ``plain_step`` rows run the LM alone (forward, backward, AdamW) on as many tokens
 as the grid point's step trains (``plain_tokens``): the MFU a Quiet-STaR step should match.
 
-``--lora-ranks 0 16`` adds, for the efficient formulation, rows where the base LM is frozen and
+``--lora-ranks 0 16`` adds, for the one-pass and efficient formulations, rows where the base LM is frozen and
 rank-16 LoRA adapters (``core.lora``, every linear layer) train instead: the LoRA column.
 
 Prints a table and writes a JSON list of rows:
-    kind ("gemm" | "train_step" | "plain_step" | "generation"), formulation ("efficient" | "oracle"; for
+    kind ("gemm" | "train_step" | "plain_step" | "generation"), formulation ("one_pass" | "efficient" | "oracle"; for
     generation "thoughts" | "no thoughts"), checkpointing (activation checkpointing on),
     lora_rank (0: every weight trains), model (the shape: ``MODELS``),
     seq_len, thought_len, n_true, n_thoughts, batch_size, step_s, peak_mem_mb,
@@ -74,7 +74,7 @@ def build(device: str, model_name: str, dtype_name: str, formulation: str, thoug
         add_lora(lm, lora_config(lora_rank, alpha=2.0 * lora_rank, dropout=0.0, target_modules="all-linear"))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"---": 0, "<unk>": 1}, unk_token="<unk>")))
     method = QuietStarConfig(thought_len=thought_len, n_true=n_true, n_thoughts=n_thoughts,
-                             formulation="sequential" if formulation == "oracle" else "efficient")
+                             formulation="sequential" if formulation == "oracle" else formulation)
     model = QuietStarModel(lm, tokenizer, method).to(device)
     return model, config
 
@@ -94,11 +94,12 @@ def forward_flops(cfg):
     return forward
 
 
-def step_flops(cfg, batch: int, length: int, M: int, K: int, R: int) -> float:
+def step_flops(cfg, batch: int, length: int, M: int, K: int, R: int, formulation: str = "efficient") -> float:
     """Model FLOPs of one step: 2/token/parameter forward (x3 with backward) plus attention and logits.
 
-    Counts every token forwarded: sampling (forward only) and the trained pass,
-    with the keys each query really attends to under the diagonal mask.
+    Counts every token forwarded, with the keys each query really attends to under the diagonal
+    mask: the trained pass, and for the formulations that sample apart from it (``efficient``,
+    ``oracle``) the sampling forwards too; ``one_pass`` samples inside the trained pass.
     """
     forward, h, vocab = forward_flops(cfg), cfg.hidden_size, cfg.vocab_size
     text_keys = (length + 1) / 2  # mean causal keys over positions
@@ -110,6 +111,8 @@ def step_flops(cfg, batch: int, length: int, M: int, K: int, R: int) -> float:
     trained = forward(batch * length, batch * length * text_keys, batch * length)
     trained += sum(forward(rows * length, rows * length * (text_keys + k + 1), 0) for k in range(n_blocks))
     trained += (M + K) * rows * length * 2 * h * vocab  # policy and talk logits
+    if formulation == "one_pass":  # its sampling logits are forward-only; the forwards are the trained ones
+        return M * rows * length * 2 * h * vocab + 3 * trained
     return sampling + 3 * trained
 
 
@@ -158,7 +161,8 @@ def run_train_row(spec: dict) -> dict:
         optimizer.zero_grad(set_to_none=True)
 
     step_s, peak = timed_steps(one_step, spec)
-    flops = step_flops(cfg, spec["batch_size"], spec["seq_len"], spec["thought_len"], spec["n_true"], spec["n_thoughts"])
+    flops = step_flops(cfg, spec["batch_size"], spec["seq_len"], spec["thought_len"], spec["n_true"], spec["n_thoughts"],
+                       spec["formulation"])
     row = dict(spec, step_s=step_s, peak_mem_mb=peak, tokens_per_s=spec["batch_size"] * spec["seq_len"] / step_s,
                tflops=flops / step_s / 1e12, mfu=None, device=device_name(device), status="ok",
                params_m=sum(p.numel() for p in model.lm.parameters()) / 1e6)
@@ -321,13 +325,13 @@ def format_table(rows: list[dict]) -> str:
 
 
 def ratios(rows: list[dict]) -> list[str]:
-    """Efficient/oracle ratios for every grid point where both ran."""
+    """Ratios to the oracle (and LoRA rows' to full fine-tuning) for every grid point where both ran."""
     out = []
     for r in rows:
-        if r["kind"] != "train_step" or r["formulation"] != "efficient" or r["status"] != "ok":
+        if r["kind"] != "train_step" or r["formulation"] == "oracle" or r["status"] != "ok":
             continue
         if r.get("lora_rank"):
-            full = next((f for f in rows if f["kind"] == "train_step" and f["formulation"] == "efficient" and f["status"] == "ok"
+            full = next((f for f in rows if f["kind"] == "train_step" and f["formulation"] == r["formulation"] and f["status"] == "ok"
                          and not f.get("lora_rank") and f["checkpointing"] == r["checkpointing"]
                          and f["seq_len"] == r["seq_len"] and f["thought_len"] == r["thought_len"]), None)
             if full:
@@ -356,7 +360,8 @@ def main() -> None:
     parser.add_argument("--thought-lens", type=int, nargs="+", help="override the grid's M values")
     parser.add_argument("--n-true", type=int, help="override K")
     parser.add_argument("--batch-size", type=int, help="override the batch size")
-    parser.add_argument("--formulations", nargs="+", default=["efficient", "oracle"], choices=["efficient", "oracle"])
+    parser.add_argument("--formulations", nargs="+", default=["one_pass", "efficient", "oracle"],
+                        choices=["one_pass", "efficient", "oracle"])
     parser.add_argument("--steps", type=int, default=2, help="timed steps per row (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--row-timeout", type=float, default=300.0, help="seconds before a row is skipped")
@@ -388,7 +393,7 @@ def main() -> None:
     specs = [dict(common, kind="train_step", formulation=f, checkpointing=ckpt, seq_len=L, thought_len=M, lora_rank=rank)
              for L in grid["seq_len"] for M in grid["thought_len"] for f in args.formulations
              for ckpt in ([False, True] if f == "efficient" and L == max(grid["seq_len"]) and args.checkpointing_rows else [False])
-             for rank in (args.lora_ranks if f == "efficient" else [0])]
+             for rank in (args.lora_ranks if f != "oracle" else [0])]
     if args.plain_rows:
         specs += [dict(common, kind="plain_step", formulation="plain", checkpointing=False, seq_len=L, thought_len=M)
                   for L in grid["seq_len"] for M in grid["thought_len"]]

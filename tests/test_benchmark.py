@@ -21,6 +21,7 @@ def test_train_step_benchmark_writes_its_rows(tmp_path):
     rows = json.loads(out.read_text())
     train = [r for r in rows if r["kind"] == "train_step"]
     assert {(r["formulation"], r["checkpointing"], r["lora_rank"]) for r in train} == {
+        ("one_pass", False, 0), ("one_pass", False, 4),  # the one pass cannot checkpoint: no +ckpt rows
         ("efficient", False, 0), ("efficient", True, 0), ("efficient", False, 4), ("efficient", True, 4), ("oracle", False, 0)}
     assert "/full fine-tuning time" in done.stdout
     for row in train:

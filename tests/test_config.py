@@ -15,7 +15,13 @@ def test_defaults():
     assert cfg.positive_rewards_only is True
     assert cfg.thought_lr_multiplier == 100.0
     assert cfg.marker_init_text == "---"
-    assert (cfg.formulation, cfg.attention_backend) == ("efficient", "auto")
+    assert (cfg.formulation, cfg.attention_backend) == ("one_pass", "auto")
+
+
+def test_the_one_pass_formulation_refuses_the_flex_kernel_by_name():
+    with pytest.raises(ConfigError, match=r"^QuietStarConfig\.attention_backend: flex cannot run the one_pass formulation"):
+        QuietStarConfig(formulation="one_pass", attention_backend="flex")
+    assert QuietStarConfig(formulation="efficient", attention_backend="flex").attention_backend == "flex"
 
 
 def test_policy_temperature_follows_sample_temperature_unless_set():

@@ -1,6 +1,6 @@
-"""The efficient formulation (sample, then one-pass replay) against the sequential oracle.
+"""The one-pass and efficient (sample, then replay) formulations against the sequential oracle.
 
-Both run on the same weights and the same thoughts; the losses and the gradient of
+They run on the same weights and the same thoughts; the losses and the gradient of
 every parameter must agree in fp32 to a relative tolerance of 1e-5.
 """
 
@@ -83,13 +83,13 @@ CASES = [  # family, R, M, K: every M in 1..8, every K in 1..4, R in {2, 3}, two
 
 
 @pytest.mark.parametrize("family,R,M,K", CASES)
-@pytest.mark.parametrize("positive_only", [True, False])
-def test_efficient_step_matches_sequential_oracle(family, R, M, K, positive_only):
+@pytest.mark.parametrize("formulation,positive_only", [("one_pass", True), ("one_pass", False), ("efficient", True), ("efficient", False)])
+def test_step_matches_sequential_oracle(formulation, family, R, M, K, positive_only):
     # Both reductions over the grid; policy weight 1, so that the loss is not the 1e6-scaled cancelling policy sum.
     settings = dict(thought_len=M, n_true=K, n_thoughts=R, positive_rewards_only=positive_only, policy_temperature=1.5,
                     policy_loss_weight=1.0, loss_reduction="reference" if M % 2 else "token")
     oracle = trained_looking_model(family, "sequential", **settings)
-    efficient = trained_looking_model(family, "efficient", **settings)
+    efficient = trained_looking_model(family, formulation, **settings)
     ids, mask = padded_batch(seed=M, lengths=(9, 6, 3))  # right padding of several lengths
     thoughts = oracle.sample_thoughts(ids, mask, generator=torch.Generator().manual_seed(M))
     reference = step(oracle, ids, mask, thoughts)
@@ -103,15 +103,16 @@ def test_efficient_step_matches_sequential_oracle(family, R, M, K, positive_only
     assert_same_step(reference, step(efficient, ids, mask, thoughts), ref_rollout.thought_logprobs)
 
 
+@pytest.mark.parametrize("formulation", ["one_pass", "efficient"])
 @pytest.mark.parametrize("family,R,M,K", CASES[1::3])
-def test_in_float64_the_reward_terms_match_to_1e_5_of_themselves(family, R, M, K):
+def test_in_float64_the_reward_terms_match_to_1e_5_of_themselves(family, R, M, K, formulation):
     """Without fp32 rounding in the log-prob sums, the rewards, the policy loss and
     ``reward_mean`` agree entry by entry too. (HF's RMSNorm computes in fp32 even
     in a float64 model, so gradients keep fp32-level differences; they are checked
     against their scale as above.)"""
     settings = dict(thought_len=M, n_true=K, n_thoughts=R, positive_rewards_only=False, policy_loss_weight=1.0)
     oracle = trained_looking_model(family, "sequential", torch.float64, **settings)
-    efficient = trained_looking_model(family, "efficient", torch.float64, **settings)
+    efficient = trained_looking_model(family, formulation, torch.float64, **settings)
     ids, mask = padded_batch(seed=M, lengths=(9, 6, 3))
     thoughts = oracle.sample_thoughts(ids, mask, generator=torch.Generator().manual_seed(M))
     (ref_out, ref_grads), (out, grads) = step(oracle, ids, mask, thoughts), step(efficient, ids, mask, thoughts)
@@ -137,6 +138,49 @@ def test_efficient_sampling_matches_sequential_sampling(family):
     assert torch.equal(sampled[valid], expected[valid])
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2", *NEW_FAMILIES])
+def test_the_one_pass_step_samples_the_thoughts_sample_thoughts_draws(family):
+    """Sampling inside the trained forwards draws what the no-gradient sampler draws for the same generator."""
+    model = trained_looking_model(family, "one_pass", thought_len=4, n_true=2, n_thoughts=3).train()
+    ids, mask = padded_batch(lengths=(8, 5))
+    valid = mask.bool()
+    out = model(ids, mask, generator=torch.Generator().manual_seed(11))
+    expected = model.sample_thoughts(ids, mask, generator=torch.Generator().manual_seed(11))
+    assert torch.equal(out.thoughts[valid], expected[valid])
+    assert len(out.thoughts[valid].unique()) > 1
+    out.loss.backward()  # and the step trains on them
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def saved_bytes(model: QuietStarModel, ids, mask, thoughts) -> int:
+    """Bytes of the distinct storages autograd keeps for the backward of one step."""
+    storages = {}
+
+    def pack(tensor):
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(ids, mask, thoughts=thoughts)
+    return sum(storages.values())
+
+
+def test_the_one_pass_step_keeps_less_for_backward_than_the_replay_and_grows_linearly_in_m():
+    """Each block's keys are kept once (no concatenated KV cache): saved memory grows ~linearly in M, and the text
+    pass runs on B rows, not B*R, so it stays below the replay's."""
+    ids, mask = padded_batch(lengths=(12, 9))
+    saved = {}
+    for M in (4, 8):
+        for formulation in ("one_pass", "efficient"):
+            model = trained_looking_model("llama", formulation, thought_len=M, n_true=2, n_thoughts=2).train()
+            thoughts = model.sample_thoughts(ids, mask, greedy=True)
+            saved[formulation, M] = saved_bytes(model, ids, mask, thoughts)
+    for M in (4, 8):
+        assert saved["one_pass", M] < saved["efficient", M]
+    blocks = {M: M + 2 + 1 for M in (4, 8)}  # thought-side blocks (M + K + 1) and the text
+    assert saved["one_pass", 8] / saved["one_pass", 4] < 1.1 * (blocks[8] + 1) / (blocks[4] + 1)
+
+
 def test_gradient_checkpointing_gives_the_same_step():
     settings = dict(thought_len=3, n_true=2)
     plain = trained_looking_model("llama", "efficient", **settings).train()
@@ -153,11 +197,12 @@ def test_gradient_checkpointing_gives_the_same_step():
     assert_same_step(step(plain, ids, mask, thoughts), step(checkpointed, ids, mask, thoughts), thought_logprobs)
 
 
-def test_sequential_formulation_refuses_gradient_checkpointing():
-    model = trained_looking_model("llama", "sequential", thought_len=2, n_true=2).train()
+@pytest.mark.parametrize("formulation", ["sequential", "one_pass"])
+def test_the_formulations_that_keep_keys_refuse_gradient_checkpointing(formulation):
+    model = trained_looking_model("llama", formulation, thought_len=2, n_true=2).train()
     model.lm.activation_checkpointing_enable()
     ids, mask = padded_batch()
-    with pytest.raises(ValueError, match="gradient checkpointing is not supported by the sequential"):
+    with pytest.raises(ValueError, match=f"gradient checkpointing is not supported by the {formulation}"):
         model(ids, mask)
 
 

@@ -398,13 +398,17 @@ def test_launch_script_help_and_missing_hostfile():
     assert shutil.which("deepspeed", path=env["PATH"])
 
 
-def test_bf16_run_keeps_fp32_master_weights(tmp_path, fixture_dir, monkeypatch):
+def test_bf16_run_keeps_fp32_master_weights(tmp_path, fixture_dir, monkeypatch, capsys):
     """bf16 compute with gradient checkpointing; the exported weights carry updates far below bf16's resolution."""
     env = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    args = recipe_args(fixture_dir, tmp_path, zero=2, max_steps=3)
-    assert main(args + ["--precision", "bf16", "--gradient-checkpointing", "--lr", "1e-6", "--warmup-steps", "0"]) == 0
+    args = recipe_args(fixture_dir, tmp_path, zero=2, max_steps=3) + ["--precision", "bf16", "--gradient-checkpointing"]
+    # The default one-pass formulation cannot recompute layers: refused at start-up, by the field's name.
+    assert main(args) == 2
+    assert "error: TrainConfig.gradient_checkpointing: the one_pass formulation" in capsys.readouterr().err
+    assert not (tmp_path / "checkpoints").exists()
+    assert main(args + ["--formulation", "efficient", "--lr", "1e-6", "--warmup-steps", "0"]) == 0
     assert all(math.isfinite(r["loss"]) for r in read_metrics(tmp_path))
     assert json.loads((tmp_path / "config.json").read_text())["load"]["dtype"] == "bfloat16"  # not fp32, then cast
     initial = AutoModelForCausalLM.from_pretrained(fixture_dir / "model").model.layers[0].mlp.up_proj.weight

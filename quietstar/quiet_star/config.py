@@ -9,7 +9,7 @@ from typing import Any
 from quietstar.core.cli_config import is_int, is_number, require
 from quietstar.quiet_star.thought_attention import BACKENDS
 
-FORMULATIONS = ("efficient", "sequential")
+FORMULATIONS = ("one_pass", "efficient", "sequential")
 LOSS_REDUCTIONS = ("reference", "token")
 
 
@@ -67,16 +67,20 @@ class QuietStarConfig:
         end_marker_init_text: text whose mean token embedding initialises ``<eot>``; ``None``
             means ``marker_init_text``. Markers that open and close an aside the base
             model knows (``[`` and ``]``, say) let the thought read as such an aside.
-        formulation: ``efficient`` samples the thoughts without gradients and
-            replays the step in one forward with block-structured attention
-            (``thought_sampler``); ``sequential`` runs one forward per thought
-            block with dense masks (``sequential_thoughts``, the test oracle).
-            Both compute the same losses and gradients.
-        attention_backend: kernel of the efficient formulation's thought
-            attention: ``flex`` (FlexAttention block masks; compiled on CUDA, where
+        formulation: ``one_pass`` samples each thought token from the forward
+            that trains it, one forward per thought block, and keeps every
+            block's keys apart for the next (``one_pass``; fastest, no activation
+            checkpointing, no flex kernel); ``efficient`` samples the thoughts
+            without gradients and replays the step in one forward with
+            block-structured attention (``thought_sampler``; works with activation
+            checkpointing and every kernel); ``sequential`` runs one forward per
+            thought block with dense masks (``sequential_thoughts``, the test
+            oracle). All three compute the same losses and gradients.
+        attention_backend: kernel of the thought attention: ``flex``
+            (FlexAttention block masks, ``efficient`` only; compiled on CUDA, where
             heads need 16 or more dimensions), ``cpu_flash`` (the CPU's fused kernel),
-            ``torch`` (plain tensor ops; any device) or ``auto`` (flex on CUDA,
-            cpu_flash on the CPU, else torch).
+            ``torch`` (plain tensor ops; any device) or ``auto`` (cpu_flash on the
+            CPU; on CUDA flex for ``efficient`` and torch for ``one_pass``; else torch).
     """
 
     thought_len: int = 12
@@ -94,7 +98,7 @@ class QuietStarConfig:
     mixing_head_width: int | None = 256
     marker_init_text: str = "---"
     end_marker_init_text: str | None = None
-    formulation: str = "efficient"
+    formulation: str = "one_pass"
     attention_backend: str = "auto"
 
     def __post_init__(self) -> None:
@@ -142,6 +146,13 @@ class QuietStarConfig:
         )
         require(self.formulation in FORMULATIONS, self, "formulation", f"must be one of {', '.join(FORMULATIONS)}")
         require(self.attention_backend in BACKENDS, self, "attention_backend", f"must be one of {', '.join(BACKENDS)}")
+        require(
+            not (self.formulation == "one_pass" and self.attention_backend == "flex"),
+            self,
+            "attention_backend",
+            "flex cannot run the one_pass formulation (it takes each layer's keys as one tensor); "
+            "use cpu_flash, torch or auto, or formulation='efficient'",
+        )
 
     @property
     def n_blocks(self) -> int:

@@ -4,8 +4,9 @@ One training step (``forward``), for all positions t of a batch at once:
   1. base pass over the text -> h_base [B, L, H] and the base NLL;
   2. thought blocks: <sot>, z_1..z_M, <eot>, x_{t+1..t+K-1}
      -> policy log-probs of z and post-thought hidden states [B, L, R, K, H];
-     by default sampled without gradients and replayed in one forward
-     (``thought_sampler``), or one forward per block (``sequential_thoughts``);
+     by default sampled block by block by the forwards that train them (``one_pass``),
+     or sampled without gradients and replayed in one forward (``thought_sampler``),
+     or one forward per block with dense masks (``sequential_thoughts``, the oracle);
   3. mixing head: talk hidden = h_base + w * (h_thought - h_base) -> talk log-probs;
   4. losses: talk NLL, rewards with the mean-over-thoughts baseline, REINFORCE.
 """
@@ -22,6 +23,7 @@ from quietstar.core.latent_model import LatentReasoningModel, base_attention
 from quietstar.quiet_star.config import QuietStarConfig
 from quietstar.quiet_star.losses import chunked_token_logprobs, future_targets, masked_mean, nll, reinforce_loss, talk_nll, thought_rewards
 from quietstar.quiet_star.mixing_head import MixingHead
+from quietstar.quiet_star.one_pass import one_pass_backend, one_pass_rollout
 from quietstar.quiet_star.sequential_thoughts import sequential_rollout
 from quietstar.quiet_star.thought_attention import install_thought_attention
 from quietstar.quiet_star.thought_embeddings import ThoughtEmbeddings
@@ -156,10 +158,11 @@ class QuietStarModel(LatentReasoningModel):
 
     def _validate_inputs(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """Validate the inputs and return the [B, L] attention mask (all ones when None)."""
-        if self.config.formulation == "sequential" and self.training and self.lm.is_activation_checkpointing:
-            # HF layers drop the KV cache (`cache=`) under checkpointing in training mode; the sequential blocks need them.
+        if self.config.formulation in ("sequential", "one_pass") and self.training and self.lm.is_activation_checkpointing:
+            # HF layers drop the KV cache (`cache=`) under checkpointing in training mode, and a recomputed layer would
+            # add its keys to the one-pass store again; both formulations keep each block's keys for the next.
             raise ValueError(
-                "gradient checkpointing is not supported by the sequential thought formulation; "
+                f"gradient checkpointing is not supported by the {self.config.formulation} thought formulation; "
                 "disable it or use formulation='efficient'"
             )
         if input_ids.ndim != 2:
@@ -210,6 +213,11 @@ class QuietStarModel(LatentReasoningModel):
         if cfg.formulation == "sequential":
             return sequential_rollout(
                 self.lm, self.thought_embeddings, cfg, input_ids, attention_mask, thoughts=thoughts, generator=generator
+            )
+        if cfg.formulation == "one_pass":
+            return one_pass_rollout(
+                self.lm, self.thought_embeddings, cfg, input_ids, attention_mask, thoughts=thoughts, generator=generator,
+                backend=one_pass_backend(cfg.attention_backend, input_ids.device),
             )
         if thoughts is None:
             thoughts = self._sample(input_ids, attention_mask, greedy=False, generator=generator)

@@ -178,8 +178,8 @@ def thought_attention_mask(
 
 def segment_attention(
     query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
+    keys: list[torch.Tensor],
+    values: list[torch.Tensor],
     text_mask: torch.Tensor,
     layout: ThoughtLayout,
     scaling: float,
@@ -188,7 +188,8 @@ def segment_attention(
     """Exact attention under the diagonal rule, with plain tensor ops.
 
     Args:
-        query: [N, H, S_q*L, D]; key, value: [N, H_kv, S_k*L, D] (H a multiple of H_kv).
+        query: [N, H, S_q*L, D].
+        keys, values: one [N, H_kv, L, D] tensor per key segment (the text first; H a multiple of H_kv).
         text_mask: [N, L] bool, True on real text tokens.
     Returns:
         [N, S_q*L, H, D], the layout transformers' attention functions return.
@@ -197,14 +198,14 @@ def segment_attention(
     backward instead of kept (they would be most of a layer's activations, while
     the attention is a small part of its FLOPs).
     """
-    differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in [query, *keys, *values])
     if differentiable and dropout == 0.0:
-        return checkpoint(_segment_attention, query, key, value, text_mask, layout, scaling, dropout, use_reentrant=False)
-    return _segment_attention(query, key, value, text_mask, layout, scaling, dropout)
+        return checkpoint(_segment_attention, query, keys, values, text_mask, layout, scaling, dropout, use_reentrant=False)
+    return _segment_attention(query, keys, values, text_mask, layout, scaling, dropout)
 
 
-def _segment_attention(query, key, value, text_mask, layout, scaling, dropout):
-    q, k_text, v_text, k_own, v_own, own_allowed = _own_position_parts(query, key, value, layout)
+def _segment_attention(query, keys, values, text_mask, layout, scaling, dropout):
+    q, k_text, v_text, k_own, v_own, own_allowed = _own_position_parts(query, keys, values, layout)
     n, heads, s_q, length, dim = q.shape
     text_scores = (q.flatten(2, 3) @ k_text.transpose(-1, -2)).view(n, heads, s_q, length, length)
     text_scores = text_scores.to(torch.promote_types(text_scores.dtype, torch.float32)) * scaling  # softmax in >= fp32
@@ -213,7 +214,7 @@ def _segment_attention(query, key, value, text_mask, layout, scaling, dropout):
     scores = torch.cat(
         [text_scores.masked_fill(~text_allowed, float("-inf")), _own_scores(q, k_own, own_allowed, scaling)], dim=-1
     )
-    probs = torch.softmax(scores, dim=-1).to(value.dtype)  # [N, H, S_q, L, L + S_k-1]
+    probs = torch.softmax(scores, dim=-1).to(v_text.dtype)  # [N, H, S_q, L, L + S_k-1]
     if dropout > 0:
         probs = torch.nn.functional.dropout(probs, p=dropout, training=True)
     out = (probs[..., :length].flatten(2, 3) @ v_text).view(n, heads, s_q, length, dim)
@@ -221,26 +222,27 @@ def _segment_attention(query, key, value, text_mask, layout, scaling, dropout):
     return out.flatten(2, 3).transpose(1, 2)
 
 
-def _own_position_parts(query, key, value, layout):
+def _own_position_parts(query, keys, values, layout):
     """Split a thought forward's attention inputs into its two parts.
 
+    Args:
+        query: [N, H, S_q*L, D]; keys, values: one [N, H_kv, L, D] tensor per key segment, the text first.
     Returns q [N, H, S_q, L, D]; the text keys/values [N, H, L, D]; the
     per-position keys/values [N, H, L, S_k-1, D] (K/V heads repeated for GQA);
     and own_allowed [S_q, S_k-1], True where query segment s may see key segment j.
     """
     n, heads, q_len, dim = query.shape
-    kv_heads, length = key.shape[1], layout.length
-    s_q, s_k = q_len // length, key.shape[2] // length
-    if s_q * length != q_len or s_k * length != key.shape[2]:
-        raise ValueError(f"query/key lengths {q_len}/{key.shape[2]} are not multiples of the segment length {length}")
-    key, value = (x.repeat_interleave(heads // kv_heads, dim=1) if heads != kv_heads else x for x in (key, value))
+    kv_heads, length, s_k = keys[0].shape[1], layout.length, len(keys)
+    s_q = q_len // length
+    if s_q * length != q_len or any(k.shape[2] != length for k in keys):
+        raise ValueError(f"query length {q_len} or a key segment is not a multiple of the segment length {length}")
+    repeat = (lambda x: x.repeat_interleave(heads // kv_heads, dim=1)) if heads != kv_heads else (lambda x: x)
     q = query.view(n, heads, s_q, length, dim)
-    k_own = key[:, :, length:].unflatten(2, (s_k - 1, length)).transpose(2, 3)
-    v_own = value[:, :, length:].unflatten(2, (s_k - 1, length)).transpose(2, 3)
+    k_own, v_own = (repeat(torch.stack(x[1:], dim=3)) for x in (keys, values))
     q_segments = layout.first_query_segment + torch.arange(s_q, device=query.device)
     k_segments = 1 + torch.arange(s_k - 1, device=query.device)
     own_allowed = k_segments[None, :] <= q_segments[:, None]
-    return q, key[:, :, :length], value[:, :, :length], k_own, v_own, own_allowed
+    return q, repeat(keys[0]), repeat(values[0]), k_own, v_own, own_allowed
 
 
 def _fold_segments(x: torch.Tensor) -> torch.Tensor:
@@ -265,14 +267,19 @@ class _CpuFlashSegmentAttention(torch.autograd.Function):
     fused backward kernel returns the text part's gradients exactly, and the
     per-position part's are computed the same way by hand.
 
+    The keys and values come as one tensor per segment and are saved as given, so a
+    caller that keeps each segment's keys apart (``one_pass``) never has them copied
+    into a growing concatenation.
+
     Padding: text is right padded, so a real position t never reaches a padding
     key through ``t' <= t``; padding positions' outputs carry no meaning.
     """
 
     @staticmethod
-    def forward(ctx, query, key, value, layout, scaling):
-        n = query.shape[0]
-        q, k_text, v_text, k_own, v_own, own_allowed = _own_position_parts(query, key, value, layout)
+    def forward(ctx, query, layout, scaling, *segments):
+        n, s_k = query.shape[0], len(segments) // 2
+        keys, values = list(segments[:s_k]), list(segments[s_k:])
+        q, k_text, v_text, k_own, v_own, own_allowed = _own_position_parts(query, keys, values, layout)
         s_q = q.shape[2]
         expand = (lambda x: x[:, :, None].expand(-1, -1, s_q, -1, -1))  # text K/V for every query segment
         out_1, lse_1 = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
@@ -283,15 +290,16 @@ class _CpuFlashSegmentAttention(torch.autograd.Function):
         lse = torch.logaddexp(lse_1, torch.logsumexp(scores_2, dim=-1))
         probs_2 = torch.exp(scores_2 - lse[..., None]).to(q.dtype)
         out = torch.exp(lse_1 - lse)[..., None].to(q.dtype) * out_1 + torch.einsum("nhslk,nhlkd->nhsld", probs_2, v_own)
-        ctx.save_for_backward(query, key, value, out, lse)
+        ctx.save_for_backward(query, out, lse, *segments)
         ctx.layout, ctx.scaling = layout, scaling
         return out.flatten(2, 3).transpose(1, 2)  # [N, S_q*L, H, D]
 
     @staticmethod
     def backward(ctx, grad):
-        query, key, value, out, lse = ctx.saved_tensors
-        n, heads, kv_heads = query.shape[0], query.shape[1], key.shape[1]
-        q, k_text, v_text, k_own, v_own, own_allowed = _own_position_parts(query, key, value, ctx.layout)
+        query, out, lse, *segments = ctx.saved_tensors
+        s_k = len(segments) // 2
+        n, heads, kv_heads = query.shape[0], query.shape[1], segments[0].shape[1]
+        q, k_text, v_text, k_own, v_own, own_allowed = _own_position_parts(query, segments[:s_k], segments[s_k:], ctx.layout)
         s_q = q.shape[2]
         grad = grad.transpose(1, 2).unflatten(2, (s_q, -1))  # [N, H, S_q, L, D]
         expand = (lambda x: x[:, :, None].expand(-1, -1, s_q, -1, -1))
@@ -304,15 +312,14 @@ class _CpuFlashSegmentAttention(torch.autograd.Function):
         probs_2 = torch.exp(_own_scores(q, k_own, own_allowed, ctx.scaling) - lse[..., None]).to(q.dtype)
         d_scores = probs_2 * (torch.einsum("nhsld,nhlkd->nhslk", grad, v_own) - (grad * out).sum(-1, keepdim=True))
         dq = _unfold_segments(dq_1, n) + ctx.scaling * torch.einsum("nhslk,nhlkd->nhsld", d_scores, k_own)
-        dk_own = ctx.scaling * torch.einsum("nhslk,nhsld->nhlkd", d_scores, q)
+        dk_own = ctx.scaling * torch.einsum("nhslk,nhsld->nhlkd", d_scores, q)  # [N, H, L, S_k-1, D]
         dv_own = torch.einsum("nhslk,nhsld->nhlkd", probs_2, grad)
-        dk_text = _unfold_segments(dk_1, n).sum(dim=2)
+        dk_text = _unfold_segments(dk_1, n).sum(dim=2)  # [N, H, L, D]
         dv_text = _unfold_segments(dv_1, n).sum(dim=2)
-        dkey = torch.cat([dk_text, dk_own.transpose(2, 3).flatten(2, 3)], dim=2)
-        dvalue = torch.cat([dv_text, dv_own.transpose(2, 3).flatten(2, 3)], dim=2)
         if heads != kv_heads:  # sum the repeated heads back onto their K/V head
-            dkey, dvalue = (x.unflatten(1, (kv_heads, heads // kv_heads)).sum(dim=2) for x in (dkey, dvalue))
-        return dq.flatten(2, 3), dkey, dvalue, None, None
+            dk_text, dv_text, dk_own, dv_own = (
+                x.unflatten(1, (kv_heads, heads // kv_heads)).sum(dim=2) for x in (dk_text, dv_text, dk_own, dv_own))
+        return dq.flatten(2, 3), None, None, dk_text, *dk_own.unbind(dim=3), dv_text, *dv_own.unbind(dim=3)
 
 
 def _own_scores(q, k_own, own_allowed, scaling):
@@ -338,21 +345,32 @@ def _eager_of(module: torch.nn.Module):
 
 
 def _dispatcher(base: str):
-    """An attention function: thought attention when a layout is given, ``base`` attention otherwise."""
+    """An attention function: thought attention when a layout is given, ``base`` attention otherwise.
 
-    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, thought_layout=None, **kwargs):
+    With a ``thought_store`` (the one-pass step, ``one_pass.SegmentKVStore``), the call's keys and values
+    are first added to the store, and the thought attention reads every segment from it.
+    """
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, thought_layout=None,
+                  thought_store=None, **kwargs):
         scaling = module.scaling if scaling is None else scaling
+        if thought_store is not None:
+            keys, values = thought_store.add(module.layer_idx, key, value)
         if thought_layout is None:
             plain = AttentionInterface._global_mapping[base] if base != "eager" else _eager_of(module)
             return plain(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
         if thought_layout.backend != "torch" and dropout > 0:
             raise ValueError(f"the {thought_layout.backend} thought attention has no attention dropout; use attention_backend='torch'")
         if thought_layout.backend == "flex":
+            if thought_store is not None:
+                raise ValueError("the flex thought attention takes the keys as one tensor, not a segment store")
             return _flex_attention(query, key, value, attention_mask, scaling), None
+        if thought_store is None:
+            keys, values = key.split(thought_layout.length, dim=2), value.split(thought_layout.length, dim=2)
         if thought_layout.backend == "cpu_flash":
-            return _CpuFlashSegmentAttention.apply(query, key, value, thought_layout, scaling), None
+            return _CpuFlashSegmentAttention.apply(query, thought_layout, scaling, *keys, *values), None
         text_mask = attention_mask[:, 0, 0, :]
-        return segment_attention(query, key, value, text_mask, thought_layout, scaling, dropout), None
+        return segment_attention(query, list(keys), list(values), text_mask, thought_layout, scaling, dropout), None
 
     return attention
 

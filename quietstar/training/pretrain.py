@@ -79,6 +79,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Quiet
 
 
 def train(args: argparse.Namespace, method: QuietStarConfig, data: DataConfig, cfg: TrainConfig) -> dict:
+    if cfg.gradient_checkpointing and method.formulation != "efficient":
+        raise ConfigError(f"TrainConfig.gradient_checkpointing: the {method.formulation} formulation keeps each thought "
+                          "block's keys for the next and cannot recompute its layers; set formulation: efficient")
     rank, world, device = init_distributed(cfg.dist_timeout_s)
     cfg = shared_output_dir(cfg)
     out_dir, ckpt_root = Path(cfg.output_dir), Path(cfg.output_dir) / "checkpoints"

@@ -51,7 +51,8 @@ class EngineConfig:
         grad_clip: clip the global gradient norm to this value; 0 disables clipping.
         precision: ``bf16`` (bf16 compute, fp32 master weights), ``fp32``, or
             ``auto`` (bf16 on CUDA, fp32 on CPU).
-        gradient_checkpointing: recompute each layer in backward to save memory.
+        gradient_checkpointing: recompute each layer in backward to save memory. Quiet-STaR needs
+            ``formulation: efficient`` with it (the default one pass keeps each block's keys for the next).
         save_every: a checkpoint every this many optimizer steps (and at the end); 0
             saves only at the end (and, for Coconut, at each epoch's end).
         keep_checkpoints: how many of the newest checkpoints to keep; 0 keeps all.
