@@ -8,6 +8,7 @@ import sys
 from quietstar.coconut import generate_cli as coconut_generate_cli
 from quietstar.core.cli_config import run_command
 from quietstar.evaluation import coconut as coconut_eval
+from quietstar.evaluation import coconut_analysis
 from quietstar.evaluation import lm_eval_cli, perplexity, zero_shot as zero_shot_eval
 from quietstar.quiet_star import demo, generate_cli
 from quietstar.testbed import cli as testbed_cli
@@ -22,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     perplexity.add_arguments(commands.add_parser("perplexity", help="per-token base vs. talk NLL report on held-out text"))
     coconut_generate_cli.add_arguments(commands.add_parser("coconut-generate", help="answer questions with a Coconut model"))
     coconut_eval.add_arguments(commands.add_parser("coconut-eval", help="GSM8K / ProntoQA / ProsQA accuracy of a Coconut, Quiet-STaR or plain model"))
+    coconut_analysis.add_arguments(commands.add_parser("coconut-analyze", help="ProsQA latent search: reasoning paths after k "
+                                                       "thoughts and node values after each (the Coconut paper's section 5)"))
     lm_eval_cli.add_arguments(commands.add_parser("lm-eval", allow_abbrev=False,
                                                   help="lm-evaluation-harness with the quietstar model and tasks"))
     testbed_cli.add_arguments(commands.add_parser("testbed", help="the reasoning testbed: task, gap, base LM, both methods' table"))
@@ -31,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     elif passthrough:
         parser.error(f"unrecognized arguments: {' '.join(passthrough)}")
     runners = {"demo": demo.run, "generate": generate_cli.run, "eval": zero_shot_eval.run, "perplexity": perplexity.run,
-               "coconut-generate": coconut_generate_cli.run, "coconut-eval": coconut_eval.run, "lm-eval": lm_eval_cli.run, "testbed": testbed_cli.run}
+               "coconut-generate": coconut_generate_cli.run, "coconut-eval": coconut_eval.run,
+               "coconut-analyze": coconut_analysis.run, "lm-eval": lm_eval_cli.run, "testbed": testbed_cli.run}
     return run_command(args.command, runners[args.command], args)
 
 
