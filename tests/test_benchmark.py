@@ -131,3 +131,14 @@ def test_zero3_load_benchmark_reports_each_ranks_memory(tmp_path):
     assert row["mode"] == "recipe" and row["ranks"][0]["loaded"] == {"partitioned": True, "dtype": "float32"} and len(row["ranks"]) == 2
     assert all(r["held_parameters"] < r["parameters"] for r in row["ranks"])
     assert all(r["peak_anon_initialized_mb"] > 0 for r in row["ranks"])
+
+
+def test_checkpoint_checksum_benchmark_times_both_saves_and_the_check(tmp_path):
+    out = tmp_path / "checksums.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "checkpoint_checksums.py"), "--mb", "4", "--repeats", "1",
+           "--dir", str(tmp_path), "--json", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    assert result["mb"] > 3.9 and result["plain_save_s"] > 0 and result["hashed_save_s"] > 0 and result["verify_s"] > 0
+    assert "with SHA-256 while writing" in done.stdout

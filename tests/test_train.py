@@ -368,7 +368,7 @@ def test_an_empty_or_garbage_latest_falls_back_to_the_newest_complete_checkpoint
         assert ("does not exist" if pointer == "step-000099" else "not a checkpoint's name") in warning
 
 
-@pytest.mark.parametrize("damage", ["truncated", "missing", "no manifest"])
+@pytest.mark.parametrize("damage", ["truncated", "missing", "no manifest", "corrupted"])
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one_or_refuses(tmp_path, capsys, damage):
     fake_checkpoint(tmp_path, 2)
     newest = fake_checkpoint(tmp_path, 4)
@@ -376,16 +376,65 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one_or_refuses(t
     target = newest / ("rank00000_state.pt" if damage != "no manifest" else checkpoints.MANIFEST)
     if damage == "truncated":
         target.write_bytes(b"x" * 10)
+    elif damage == "corrupted":  # the same size, one byte changed: only the checksum tells
+        target.write_bytes(b"x" * 103 + b"y")
     else:
         target.unlink()
     assert checkpoints.resume_tag(tmp_path) == "step-000002"
     warning = capsys.readouterr().err
     assert "checkpoint step-000004 is incomplete" in warning and "resuming from step-000002" in warning
     assert {"truncated": "truncated (10 of 104 bytes)", "missing": "rank00000_state.pt is missing",
-            "no manifest": "complete.json is missing"}[damage] in warning
+            "no manifest": "complete.json is missing", "corrupted": "rank00000_state.pt is corrupted"}[damage] in warning
+    assert checkpoints.complete(newest) == (damage == "corrupted")  # sizes alone (pruning, pointers) do not read files
     shutil.rmtree(tmp_path / "step-000002")  # nothing to fall back to: one line
     with pytest.raises(RunError, match=r"--resume: no complete checkpoint in .*step-000004"):
         checkpoints.resume_tag(tmp_path)
+
+
+def test_a_corrupted_checkpoint_passed_over_is_named_and_with_none_left_resume_is_refused(tmp_path, capsys):
+    fake_checkpoint(tmp_path, 2)
+    third = fake_checkpoint(tmp_path, 3)
+    newest = fake_checkpoint(tmp_path, 4)
+    (tmp_path / checkpoints.LATEST).write_text("step-000004\n")
+    for directory in (newest, third):
+        target = directory / "mp_rank_00_model_states.pt"
+        target.write_bytes(target.read_bytes()[:-1] + b"?")
+    assert checkpoints.resume_tag(tmp_path) == "step-000002"
+    warning = capsys.readouterr().err
+    assert "step-000003 is incomplete" in warning and "mp_rank_00_model_states.pt is corrupted" in warning
+    assert "resuming from step-000002" in warning
+    shutil.rmtree(tmp_path / "step-000002")
+    with pytest.raises(RunError, match=r"no complete checkpoint in .*step-000004 is incomplete.*step-000003 is incomplete"):
+        checkpoints.resume_tag(tmp_path)
+
+
+def test_hashing_file_digests_what_torch_save_writes(tmp_path):
+    from quietstar.training.checksums import file_digest, save_hashed
+
+    digests = {}
+    state = {"weights": torch.randn(300, 70), "step": 7, "nested": [torch.arange(5)]}
+    save_hashed(state, tmp_path / "state.pt", digests)
+    assert digests == {str((tmp_path / "state.pt").resolve()): file_digest(tmp_path / "state.pt")}
+    loaded = torch.load(tmp_path / "state.pt", weights_only=False)
+    assert torch.equal(loaded["weights"], state["weights"]) and loaded["step"] == 7
+
+
+def test_verify_checkpoint_reports_each_checkpoint_in_one_line(tmp_path, capsys):
+    from quietstar import cli
+
+    fake_checkpoint(tmp_path / "checkpoints", 2)
+    newest = fake_checkpoint(tmp_path / "checkpoints", 4)
+    assert cli.main(["verify-checkpoint", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "step-000002: ok" in out and "step-000004: ok" in out and "2 of 2 checkpoint(s) whole" in out
+    (newest / "rank00000_state.pt").write_bytes(b"z" * 104)
+    assert cli.main(["verify-checkpoint", str(tmp_path / "checkpoints")]) == 1
+    assert "rank00000_state.pt is corrupted" in capsys.readouterr().out
+    assert cli.main(["verify-checkpoint", str(newest)]) == 1
+    assert cli.main(["verify-checkpoint", str(tmp_path / "checkpoints" / "step-000002")]) == 0
+    capsys.readouterr()
+    assert cli.main(["verify-checkpoint", str(tmp_path / "nowhere")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
 
 
 def test_launch_script_help_and_missing_hostfile():

@@ -142,12 +142,13 @@ def deepspeed_cpu_notice_hidden() -> Iterator[None]:
 
 
 def run_command(name: str, run: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> int:
-    """Run an entry point: 0 on success; a bad input or config prints ``quietstar <name>: error: ...`` and gives 2.
-    DeepSpeed's notice that it found no GPU is not printed (``deepspeed_cpu_notice_hidden``)."""
+    """Run an entry point: 0 on success (or the exit status ``run`` returns, when it returns an int); a bad input
+    or config prints ``quietstar <name>: error: ...`` and gives 2. DeepSpeed's notice that it found no GPU is not
+    printed (``deepspeed_cpu_notice_hidden``)."""
     try:
         with deepspeed_cpu_notice_hidden():
-            run(args)
+            result = run(args)
     except (OSError, ValueError, RunError) as error:
         print(f"quietstar {name}: error: {one_line(error)}", file=sys.stderr)
         return 2
-    return 0
+    return result if isinstance(result, int) and not isinstance(result, bool) else 0

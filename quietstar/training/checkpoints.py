@@ -4,7 +4,7 @@ Layout under ``<output-dir>/checkpoints``:
 
     step-000050/                  one checkpoint (DeepSpeed's model, optimizer and scheduler files)
         rank00000_state.pt        rank 0's data-stream position and RNG states (one file per rank)
-        complete.json             written last: every file of the checkpoint with its size
+        complete.json             written last: every file of the checkpoint with its size and SHA-256
     latest                        the tag of the newest complete checkpoint, e.g. ``step-000050``
 
 A checkpoint is written under ``step-N.partial`` and renamed once every rank has
@@ -14,8 +14,10 @@ permission denied) ends the run with one line naming that checkpoint, touching n
 already saved.
 
 On resume a checkpoint counts only if every file its ``complete.json`` lists is there
-at its size. An empty or garbage ``latest``, or a newest checkpoint with a missing or
-truncated file, falls back to the newest complete one, with a warning. The directory
+at its size and, read back, has its SHA-256 (``checksums``: computed while the files were
+written). An empty or garbage ``latest``, or a newest checkpoint with a missing, truncated or
+corrupted file, falls back to the newest good one, with a warning. ``quietstar
+verify-checkpoint DIR`` checks checkpoints the same way without loading them. The directory
 must be on a file system that every rank sees.
 """
 
@@ -35,6 +37,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from quietstar.core.cli_config import RunError, one_line
+from quietstar.training.checksums import file_digest, hashing_engine, save_hashed
 from quietstar.training.collectives import all_ranks_ok
 from quietstar.training.nonfinite import weights_finite
 
@@ -108,12 +111,16 @@ def complete(directory: Path) -> bool:
     return problem(directory) is None
 
 
-def problem(directory: Path) -> str | None:
-    """What is wrong with checkpoint ``directory`` (a missing manifest or file, a truncated file), or None."""
+def problem(directory: Path, checksums: bool = False) -> str | None:
+    """What is wrong with checkpoint ``directory`` (a missing manifest or file, a truncated file, and with
+    ``checksums`` a file whose SHA-256 is not the one recorded when it was written), or None."""
     manifest = directory / MANIFEST
     try:
-        files = json.loads(manifest.read_text())["files"]
-    except (OSError, ValueError, KeyError, TypeError):
+        recorded = json.loads(manifest.read_text())
+        files, digests = recorded["files"], recorded.get("sha256", {}) if checksums else {}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return f"{manifest} is missing or unreadable"
+    if not isinstance(files, dict) or not isinstance(digests, dict):
         return f"{manifest} is missing or unreadable"
     for name, size in files.items():
         path = directory / name
@@ -121,7 +128,18 @@ def problem(directory: Path) -> str | None:
             return f"{path} is missing"
         if path.stat().st_size != size:
             return f"{path} is truncated ({path.stat().st_size} of {size} bytes)"
+    for name, digest in digests.items():
+        if (directory / name).is_file() and file_digest(directory / name) != digest:
+            return f"{directory / name} is corrupted (its SHA-256 is not the one recorded when it was written)"
     return None
+
+
+def has_checksums(directory: Path) -> bool:
+    """True when the checkpoint's manifest records SHA-256s (manifests written before checksums hold sizes only)."""
+    try:
+        return bool(json.loads((directory / MANIFEST).read_text()).get("sha256"))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def warn(message: str) -> None:
@@ -130,10 +148,14 @@ def warn(message: str) -> None:
         tqdm.write(message, file=sys.stderr)
 
 
-def _write_manifest(directory: Path) -> None:
-    files = {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*")) if p.is_file()}
+def _write_manifest(directory: Path, digests: dict[str, str] | None = None) -> None:
+    """complete.json: each file's size, and its SHA-256 from ``digests`` (absolute path -> digest, taken while it
+    was written) or, for a file written otherwise, read from the disk."""
+    paths = [p for p in sorted(directory.rglob("*")) if p.is_file()]
+    files = {str(p.relative_to(directory)): p.stat().st_size for p in paths}
+    sha256 = {str(p.relative_to(directory)): (digests or {}).get(str(p.resolve())) or file_digest(p) for p in paths}
     tmp = directory / f"{MANIFEST}.tmp"
-    tmp.write_text(json.dumps({"files": files}, indent=1) + "\n")
+    tmp.write_text(json.dumps({"files": files, "sha256": sha256}, indent=1) + "\n")
     os.replace(tmp, directory / MANIFEST)
 
 
@@ -157,15 +179,21 @@ def save(engine, root: Path, step: int, rank_state: dict[str, Any], keep: int) -
             root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         error = e
+    digests: dict[str, str] = {}  # this rank's files, absolute path -> SHA-256, taken as they are written
     if all_ranks_ok(error is None, engine.device):
         try:
-            engine.save_checkpoint(str(root), tag=partial.name, client_state={"step": step}, save_latest=False)
-            torch.save(rank_state, _rank_file(partial, rank))
+            with hashing_engine(engine, digests):
+                engine.save_checkpoint(str(root), tag=partial.name, client_state={"step": step}, save_latest=False)
+            save_hashed(rank_state, _rank_file(partial, rank), digests)
         except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
             error = e
-    if all_ranks_ok(error is None, engine.device) and rank == 0:
+    saved_everywhere = all_ranks_ok(error is None, engine.device)
+    if saved_everywhere:
+        every_rank: list[dict[str, str]] = [{} for _ in range(dist.get_world_size())]
+        dist.all_gather_object(every_rank, digests)
+    if saved_everywhere and rank == 0:
         try:
-            _write_manifest(partial)
+            _write_manifest(partial, {path: digest for ranks in every_rank for path, digest in ranks.items()})
             shutil.rmtree(final, ignore_errors=True)
             partial.rename(final)
             pointer = root / f"{LATEST}.tmp"
@@ -214,20 +242,31 @@ def mark_best(root: Path, name: str) -> None:
 
 
 def resume_tag(root: Path) -> str:
-    """The checkpoint ``--resume`` continues from: ``latest`` if complete, else the newest complete one, with a
-    warning that says what was wrong; one line when there is none."""
-    pointed, name = _pointed(root / LATEST), latest_tag(root)
+    """The checkpoint ``--resume`` continues from: ``latest`` if whole (every file there, at its size and checksum),
+    else the newest whole one, with a warning for each one passed over; one line when there is none."""
+    pointed = _pointed(root / LATEST)
     if not TAG.fullmatch(pointed):
         why = f"{root / LATEST} reads {pointed[:40]!r}, not a checkpoint's name"
     elif not (root / pointed).is_dir():
         why = f"{root / LATEST} names {pointed}, which does not exist"
     else:
-        why = f"checkpoint {pointed} is incomplete: {problem(root / pointed)}"
-    if name is None:
-        raise RunError(f"--resume: no complete checkpoint in {root}" + (f" ({why})" if (root / LATEST).exists() else ""))
-    if name != pointed and (root / LATEST).exists():
-        warn(f"warning: {why}; resuming from {name}, the newest complete checkpoint")
-    return name
+        trouble = problem(root / pointed, checksums=True)
+        why = None if trouble is None else f"checkpoint {pointed} is incomplete: {trouble}"
+    if why is None:
+        return pointed
+    passed_over = []
+    for name in reversed(complete_tags(root)):
+        trouble = None if name == pointed else problem(root / name, checksums=True)
+        if name != pointed and trouble is None:
+            if (root / LATEST).exists():
+                for line in passed_over:
+                    warn(f"warning: checkpoint {line}; passed over")
+                warn(f"warning: {why}; resuming from {name}, the newest complete checkpoint")
+            return name
+        if name != pointed:
+            passed_over.append(f"{name} is incomplete: {trouble}")
+    details = "; ".join(([why] if (root / LATEST).exists() else []) + passed_over)
+    raise RunError(f"--resume: no complete checkpoint in {root}" + (f" ({details})" if details else ""))
 
 
 def saved_state(root: Path, name: str) -> dict[str, Any]:
