@@ -1,4 +1,4 @@
-"""What the checkpoint checksums cost: torch.save with and without the SHA-256 taken while writing, and a check.
+"""What the checkpoint checksums cost: torch.save with and without the CRC-32 taken while writing, and a check.
 
     python benchmarks/checkpoint_checksums.py --mb 1024 --json benchmarks/results/checkpoint_checksums_cpu.json
 
@@ -61,7 +61,7 @@ def main() -> None:
               "verify_s": verify, "torch": torch.__version__}
     result["overhead"] = result["hashed_save_s"] / result["plain_save_s"] - 1
     result["hash_gb_per_s"] = size / 1e9 / verify
-    print(f"{result['mb']:.0f} MB: torch.save {result['plain_save_s']:.2f} s, with SHA-256 while writing "
+    print(f"{result['mb']:.0f} MB: torch.save {result['plain_save_s']:.2f} s, with CRC-32 while writing "
           f"{result['hashed_save_s']:.2f} s ({result['overhead']:+.0%}); checking the file {verify:.2f} s "
           f"({result['hash_gb_per_s']:.2f} GB/s)")
     if args.json:

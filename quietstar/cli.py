@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     lm_eval_cli.add_arguments(commands.add_parser("lm-eval", allow_abbrev=False,
                                                   help="lm-evaluation-harness with the quietstar model and tasks"))
     verify_checkpoint.add_arguments(commands.add_parser("verify-checkpoint", help="check training checkpoints (files, sizes, "
-                                                         "SHA-256s) without loading them"))
+                                                         "checksums) without loading them"))
     testbed_cli.add_arguments(commands.add_parser("testbed", help="the reasoning testbed: task, gap, base LM, both methods' table"))
     args, passthrough = parser.parse_known_args(argv)
     if args.command == "lm-eval":

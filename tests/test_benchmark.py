@@ -141,4 +141,4 @@ def test_checkpoint_checksum_benchmark_times_both_saves_and_the_check(tmp_path):
     assert done.returncode == 0, done.stderr
     result = json.loads(out.read_text())
     assert result["mb"] > 3.9 and result["plain_save_s"] > 0 and result["hashed_save_s"] > 0 and result["verify_s"] > 0
-    assert "with SHA-256 while writing" in done.stdout
+    assert "with CRC-32 while writing" in done.stdout

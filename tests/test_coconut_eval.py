@@ -86,3 +86,41 @@ def test_generate_command_shows_each_latent(saved, capsys):
                      "the sum of 2 and 3 is", "x plus y"]) == 0
     printed = capsys.readouterr().out
     assert printed.count("latent 1:") == 2 and printed.count("latent 2:") == 2 and "2 latent(s)" in printed
+
+
+def test_an_evaluation_that_stops_resumes_to_the_uninterrupted_report(saved, tmp_path, monkeypatch, capsys):
+    import quietstar.evaluation.coconut as coconut_eval
+    from quietstar.evaluation.item_log import partial_path
+
+    data = tmp_path / "six.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS * 2))
+    whole, out = tmp_path / "whole.json", tmp_path / "report.json"
+    args = ["--model", str(saved / "coconut"), "--task", "prosqa", "--data-file", str(data), "--batch-size", "2",
+            "--max-new-tokens", "5"]
+    assert main(args + ["--output", str(whole)]) == 0
+    assert not partial_path(whole).exists()  # the log goes once the report is written
+
+    calls, real = [], coconut_eval.coconut_generate
+
+    def stops_at_the_third_batch(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # as a kill would stop it, after two finished batches
+        return real(*a, **k)
+
+    monkeypatch.setattr(coconut_eval, "coconut_generate", stops_at_the_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        main(args + ["--output", str(out)])
+    monkeypatch.setattr(coconut_eval, "coconut_generate", real)
+    log = partial_path(out)
+    assert len(log.read_text().splitlines()) == 1 + 4 and not out.exists()
+    with log.open("a") as f:
+        f.write('{"item": {"question": "torn')  # a kill in the middle of writing the next batch
+    assert main(args + ["--output", str(out)]) == 2  # without --resume: refused, nothing lost
+    assert "pass --resume to continue it" in capsys.readouterr().err
+    assert main(args + ["--output", str(out), "--resume", "--batch-size", "3"]) == 2
+    assert "batch_size (then 2, now 3)" in capsys.readouterr().err
+    assert main(args + ["--output", str(out), "--resume"]) == 0
+    resumed, expected = json.loads(out.read_text()), json.loads(whole.read_text())
+    assert resumed["items"] == expected["items"] and resumed["accuracy"] == expected["accuracy"]
+    assert resumed["n"] == 6 and not log.exists()

@@ -104,11 +104,11 @@ def test_resume_without_a_checkpoint_or_with_other_settings_is_refused_in_one_li
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
     assert json.loads((out / "summary.json").read_text())["steps_run"] == 1
 
-    # Every file of a real save has the SHA-256 taken while it was written, and it is the file's.
+    # Every file of a real save has the CRC-32 taken while it was written, and it is the file's.
     for step in (2, 3):
         directory = out / "checkpoints" / checkpoints.tag(step)
         manifest = json.loads((directory / checkpoints.MANIFEST).read_text())
-        assert manifest["sha256"].keys() == manifest["files"].keys()
+        assert manifest["crc32"].keys() == manifest["files"].keys()
         assert checkpoints.problem(directory, checksums=True) is None
     # A truncated file in the newest checkpoint (step 3): the next resume falls back to step 2, with a warning.
     capsys.readouterr()

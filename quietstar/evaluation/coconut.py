@@ -17,6 +17,9 @@ does. Every record is read before the model loads; a malformed one fails naming 
 The JSON report: ``task``, ``model``, ``method``, ``mode``, ``latents``, ``n``, ``accuracy``,
 ``mean_generated_tokens``, ``seconds``, ``items_per_second`` and ``items`` (each item's question,
 gold answer, output, predicted answer, correctness and token count).
+
+With ``--output``, finished items are kept in ``<output>.partial.jsonl`` as they go (``item_log``); a run
+that stopped continues with ``--resume`` and ends with the report an uninterrupted run writes.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from quietstar.core.cli_config import run_command
 from quietstar.core.files import input_file, json_lines
 from quietstar.core.loading import is_saved, load_base
 from quietstar.core.offline import SMOLLM2, locate_model
+from quietstar.evaluation.item_log import ItemLog
 from quietstar.quiet_star.generation import generate as quietstar_generate
 from quietstar.quiet_star.model import QuietStarModel
 
@@ -79,8 +83,11 @@ def load_for_eval(name: str, latents: int | None, cot: bool) -> tuple[torch.nn.M
 
 
 def evaluate(model, method: str, config: CoconutConfig, examples: list[Example], batch_size: int, max_new_tokens: int,
-             device: torch.device, progress: bool = True) -> tuple[list[dict], float]:
-    """Greedy answers for ``examples``: (one record per item, seconds of generation)."""
+             device: torch.device, progress: bool = True, on_batch=None) -> tuple[list[dict], float]:
+    """Greedy answers for ``examples``: (one record per item, seconds of generation).
+
+    ``on_batch(records, seconds)``, if given, is called after each batch (``item_log.ItemLog.add`` keeps them).
+    """
     tokenizer = model.tokenizer
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -98,13 +105,18 @@ def evaluate(model, method: str, config: CoconutConfig, examples: list[Example],
             outputs = [row[: row.index(eos)] if eos in row else row for row in tails]
         else:
             outputs = coconut_generate(model, batch["input_ids"], batch["attention_mask"], max_new_tokens).tokens
-        seconds += time.perf_counter() - began
+        batch_seconds = time.perf_counter() - began
+        seconds += batch_seconds
+        records = []
         for example, prompt, ids in zip(chunk, prompts, outputs):
             text = tokenizer.decode(ids, skip_special_tokens=True)
             predicted = answer_of(text)
             thought = sum(t in (LATENT, PAUSE) for t in prompt)
-            items.append({"question": example.question, "gold": example.answer, "output": text, "predicted": predicted,
-                          "correct": answers_match(predicted, example.answer), "generated_tokens": thought + len(ids)})
+            records.append({"question": example.question, "gold": example.answer, "output": text, "predicted": predicted,
+                            "correct": answers_match(predicted, example.answer), "generated_tokens": thought + len(ids)})
+        items += records
+        if on_batch is not None:
+            on_batch(records, batch_seconds)
     return items, seconds
 
 
@@ -119,6 +131,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(only changes the default --max-new-tokens, as both prompts are the question and a newline)")
     parser.add_argument("--batch-size", type=int, default=32, help="questions per batch (default 32)")
     parser.add_argument("--max-new-tokens", type=int, help="tokens generated per answer at most (default 64; 160 with --cot or a cot model)")
+    parser.add_argument("--resume", action="store_true", help="continue an evaluation that stopped, from the items it kept "
+                        "in <output>.partial.jsonl (needs --output)")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -128,12 +142,21 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.latents is not None and args.latents < 0:
         raise ValueError(f"--latents must be >= 0, got {args.latents}")
+    if args.resume and not args.output:
+        raise ValueError("--resume continues from the items kept beside --output; give --output")
     examples = read_task(args.data_file, args.task)[: args.limit]  # before the model loads
+    settings = {"model": args.model, "task": args.task, "data_file": str(args.data_file), "latents": args.latents,
+                "cot": args.cot, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens}
+    log = ItemLog(Path(args.output), settings, [e.question for e in examples], args.resume) if args.output else None
     model, method, config = load_for_eval(args.model, args.latents, args.cot)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
     max_new = args.max_new_tokens or (160 if args.cot or config.mode == "cot" else 64)
-    items, seconds = evaluate(model, method, config, examples, args.batch_size, max_new, device)
+    if log is None:
+        items, seconds = evaluate(model, method, config, examples, args.batch_size, max_new, device)
+    else:
+        evaluate(model, method, config, examples[len(log.items):], args.batch_size, max_new, device, on_batch=log.add)
+        items, seconds = log.items, log.seconds
     report = {
         "task": args.task, "model": args.model, "method": method, "mode": config.mode,
         "latents": config.inference_latents if method == "coconut" else 0, "n": len(items),
@@ -147,6 +170,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+        log.close()
         print(f"wrote {args.output}")
     return report
 

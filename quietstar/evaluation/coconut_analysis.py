@@ -206,7 +206,7 @@ def plot(summary: dict, out_dir: Path, title: str) -> list[str]:
             heights = summary["frontier_value_by_height"][k]
             right.plot([int(h) for h in heights], [heights[h]["mean"] for h in heights], "o-", label=f"thought {k}")
         right.set(xlabel="height of the frontier node (hops to a leaf)", ylabel="mean value", title="frontier values by height")
-        right.legend(fontsize=8)
+        right.legend(fontsize=8, loc="best")
         fig.tight_layout()
         fig.savefig(out_dir / "frontier_values.png", dpi=120)
         files.append("frontier_values.png")

@@ -4,7 +4,7 @@ Layout under ``<output-dir>/checkpoints``:
 
     step-000050/                  one checkpoint (DeepSpeed's model, optimizer and scheduler files)
         rank00000_state.pt        rank 0's data-stream position and RNG states (one file per rank)
-        complete.json             written last: every file of the checkpoint with its size and SHA-256
+        complete.json             written last: every file of the checkpoint with its size and CRC-32
     latest                        the tag of the newest complete checkpoint, e.g. ``step-000050``
 
 A checkpoint is written under ``step-N.partial`` and renamed once every rank has
@@ -14,7 +14,7 @@ permission denied) ends the run with one line naming that checkpoint, touching n
 already saved.
 
 On resume a checkpoint counts only if every file its ``complete.json`` lists is there
-at its size and, read back, has its SHA-256 (``checksums``: computed while the files were
+at its size and, read back, has its CRC-32 (``checksums``: computed while the files were
 written). An empty or garbage ``latest``, or a newest checkpoint with a missing, truncated or
 corrupted file, falls back to the newest good one, with a warning. ``quietstar
 verify-checkpoint DIR`` checks checkpoints the same way without loading them. The directory
@@ -113,11 +113,11 @@ def complete(directory: Path) -> bool:
 
 def problem(directory: Path, checksums: bool = False) -> str | None:
     """What is wrong with checkpoint ``directory`` (a missing manifest or file, a truncated file, and with
-    ``checksums`` a file whose SHA-256 is not the one recorded when it was written), or None."""
+    ``checksums`` a file whose CRC-32 is not the one recorded when it was written), or None."""
     manifest = directory / MANIFEST
     try:
         recorded = json.loads(manifest.read_text())
-        files, digests = recorded["files"], recorded.get("sha256", {}) if checksums else {}
+        files, digests = recorded["files"], recorded.get("crc32", {}) if checksums else {}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return f"{manifest} is missing or unreadable"
     if not isinstance(files, dict) or not isinstance(digests, dict):
@@ -130,14 +130,14 @@ def problem(directory: Path, checksums: bool = False) -> str | None:
             return f"{path} is truncated ({path.stat().st_size} of {size} bytes)"
     for name, digest in digests.items():
         if (directory / name).is_file() and file_digest(directory / name) != digest:
-            return f"{directory / name} is corrupted (its SHA-256 is not the one recorded when it was written)"
+            return f"{directory / name} is corrupted (its CRC-32 is not the one recorded when it was written)"
     return None
 
 
 def has_checksums(directory: Path) -> bool:
-    """True when the checkpoint's manifest records SHA-256s (manifests written before checksums hold sizes only)."""
+    """True when the checkpoint's manifest records checksums (manifests written before them hold sizes only)."""
     try:
-        return bool(json.loads((directory / MANIFEST).read_text()).get("sha256"))
+        return bool(json.loads((directory / MANIFEST).read_text()).get("crc32"))
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -149,13 +149,13 @@ def warn(message: str) -> None:
 
 
 def _write_manifest(directory: Path, digests: dict[str, str] | None = None) -> None:
-    """complete.json: each file's size, and its SHA-256 from ``digests`` (absolute path -> digest, taken while it
+    """complete.json: each file's size, and its CRC-32 from ``digests`` (absolute path -> digest, taken while it
     was written) or, for a file written otherwise, read from the disk."""
     paths = [p for p in sorted(directory.rglob("*")) if p.is_file()]
     files = {str(p.relative_to(directory)): p.stat().st_size for p in paths}
-    sha256 = {str(p.relative_to(directory)): (digests or {}).get(str(p.resolve())) or file_digest(p) for p in paths}
+    crc32 = {str(p.relative_to(directory)): (digests or {}).get(str(p.resolve())) or file_digest(p) for p in paths}
     tmp = directory / f"{MANIFEST}.tmp"
-    tmp.write_text(json.dumps({"files": files, "sha256": sha256}, indent=1) + "\n")
+    tmp.write_text(json.dumps({"files": files, "crc32": crc32}, indent=1) + "\n")
     os.replace(tmp, directory / MANIFEST)
 
 
@@ -179,7 +179,7 @@ def save(engine, root: Path, step: int, rank_state: dict[str, Any], keep: int) -
             root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         error = e
-    digests: dict[str, str] = {}  # this rank's files, absolute path -> SHA-256, taken as they are written
+    digests: dict[str, str] = {}  # this rank's files, absolute path -> CRC-32, taken as they are written
     if all_ranks_ok(error is None, engine.device):
         try:
             with hashing_engine(engine, digests):

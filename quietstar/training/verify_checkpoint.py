@@ -2,7 +2,7 @@
 
 DIR is one checkpoint (``.../checkpoints/step-000050``), a run's ``checkpoints`` directory, or a run's
 output directory. Every checkpoint found is checked as ``--resume`` checks it (``checkpoints.problem``):
-its manifest, every file there at its size, and every file read back with the SHA-256 recorded when it
+its manifest, every file there at its size, and every file read back with the CRC-32 recorded when it
 was written. One line per checkpoint; the exit status is 0 when all are whole, 1 when any is not.
 """
 
