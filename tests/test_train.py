@@ -408,15 +408,25 @@ def test_a_corrupted_checkpoint_passed_over_is_named_and_with_none_left_resume_i
         checkpoints.resume_tag(tmp_path)
 
 
-def test_hashing_file_digests_what_torch_save_writes(tmp_path):
-    from quietstar.training.checksums import file_digest, save_hashed
+def test_checksums_taken_beside_a_save_are_the_files_and_the_engine_is_put_back(tmp_path):
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
-    digests = {}
-    state = {"weights": torch.randn(300, 70), "step": 7, "nested": [torch.arange(5)]}
-    save_hashed(state, tmp_path / "state.pt", digests)
-    assert digests == {str((tmp_path / "state.pt").resolve()): file_digest(tmp_path / "state.pt")}
-    loaded = torch.load(tmp_path / "state.pt", weights_only=False)
-    assert torch.equal(loaded["weights"], state["weights"]) and loaded["step"] == 7
+    from quietstar.training.checksums import checksummed_saves, file_digest
+
+    class Engine:
+        checkpoint_engine = TorchCheckpointEngine()
+
+    engine, digests = Engine(), {}
+    inner = engine.checkpoint_engine
+    with checksummed_saves(engine, digests) as checksum:
+        for i in range(3):
+            engine.checkpoint_engine.save({"weights": torch.randn(300, 70), "i": i}, str(tmp_path / f"part{i}.pt"))
+        torch.save({"step": 7}, tmp_path / "rank.pt")
+        checksum(tmp_path / "rank.pt")
+    assert engine.checkpoint_engine is inner
+    names = ["part0.pt", "part1.pt", "part2.pt", "rank.pt"]
+    assert digests == {str((tmp_path / n).resolve()): file_digest(tmp_path / n) for n in names}
+    assert torch.load(tmp_path / "part2.pt", weights_only=False)["i"] == 2
 
 
 def test_verify_checkpoint_reports_each_checkpoint_in_one_line(tmp_path, capsys):

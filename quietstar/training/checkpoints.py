@@ -37,7 +37,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from quietstar.core.cli_config import RunError, one_line
-from quietstar.training.checksums import file_digest, hashing_engine, save_hashed
+from quietstar.training.checksums import checksummed_saves, file_digest
 from quietstar.training.collectives import all_ranks_ok
 from quietstar.training.nonfinite import weights_finite
 
@@ -149,8 +149,8 @@ def warn(message: str) -> None:
 
 
 def _write_manifest(directory: Path, digests: dict[str, str] | None = None) -> None:
-    """complete.json: each file's size, and its CRC-32 from ``digests`` (absolute path -> digest, taken while it
-    was written) or, for a file written otherwise, read from the disk."""
+    """complete.json: each file's size, and its CRC-32 from ``digests`` (absolute path -> checksum, taken beside
+    the save) or, for a file written otherwise, read from the disk."""
     paths = [p for p in sorted(directory.rglob("*")) if p.is_file()]
     files = {str(p.relative_to(directory)): p.stat().st_size for p in paths}
     crc32 = {str(p.relative_to(directory)): (digests or {}).get(str(p.resolve())) or file_digest(p) for p in paths}
@@ -179,12 +179,13 @@ def save(engine, root: Path, step: int, rank_state: dict[str, Any], keep: int) -
             root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         error = e
-    digests: dict[str, str] = {}  # this rank's files, absolute path -> CRC-32, taken as they are written
+    digests: dict[str, str] = {}  # this rank's files, absolute path -> CRC-32, taken beside the save
     if all_ranks_ok(error is None, engine.device):
         try:
-            with hashing_engine(engine, digests):
+            with checksummed_saves(engine, digests) as checksum:
                 engine.save_checkpoint(str(root), tag=partial.name, client_state={"step": step}, save_latest=False)
-            save_hashed(rank_state, _rank_file(partial, rank), digests)
+                torch.save(rank_state, _rank_file(partial, rank))
+                checksum(_rank_file(partial, rank))
         except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
             error = e
     saved_everywhere = all_ranks_ok(error is None, engine.device)
