@@ -143,3 +143,12 @@ def test_checkpoint_checksum_benchmark_times_both_saves_and_the_check(tmp_path):
     assert result["mb"] > 3.9 and result["files"] == 4 and result["verify_s"] > 0
     assert all(result[k] > 0 for k in ("plain_save_s", "checksummed_save_s", "inline_checksum_save_s"))
     assert "with CRC-32s beside the save" in done.stdout
+
+
+def test_saved_activations_benchmark_counts_each_formulation():
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "saved_activations.py"), "--seq-len", "16", "--thought-len", "2"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT / "benchmarks")
+    assert done.returncode == 0, done.stderr
+    lines = {line.split()[0]: float(line.split()[1]) for line in done.stdout.splitlines()}
+    assert set(lines) == {"one_pass", "efficient", "oracle"} and all(mb > 0 for mb in lines.values())
+    assert lines["one_pass"] < lines["oracle"]

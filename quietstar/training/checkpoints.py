@@ -14,8 +14,7 @@ permission denied) ends the run with one line naming that checkpoint, touching n
 already saved.
 
 On resume a checkpoint counts only if every file its ``complete.json`` lists is there
-at its size and, read back, has its CRC-32 (``checksums``: computed while the files were
-written). An empty or garbage ``latest``, or a newest checkpoint with a missing, truncated or
+at its size and, read back, has its CRC-32 (``checksums``: taken beside the save). An empty or garbage ``latest``, or a newest checkpoint with a missing, truncated or
 corrupted file, falls back to the newest good one, with a warning. ``quietstar
 verify-checkpoint DIR`` checks checkpoints the same way without loading them. The directory
 must be on a file system that every rank sees.
@@ -257,15 +256,17 @@ def resume_tag(root: Path) -> str:
         return pointed
     passed_over = []
     for name in reversed(complete_tags(root)):
-        trouble = None if name == pointed else problem(root / name, checksums=True)
-        if name != pointed and trouble is None:
-            if (root / LATEST).exists():
-                for line in passed_over:
-                    warn(f"warning: checkpoint {line}; passed over")
-                warn(f"warning: {why}; resuming from {name}, the newest complete checkpoint")
-            return name
-        if name != pointed:
+        if name == pointed:
+            continue
+        trouble = problem(root / name, checksums=True)
+        if trouble is not None:
             passed_over.append(f"{name} is incomplete: {trouble}")
+            continue
+        if (root / LATEST).exists():
+            for line in passed_over:
+                warn(f"warning: checkpoint {line}; passed over")
+            warn(f"warning: {why}; resuming from {name}, the newest complete checkpoint")
+        return name
     details = "; ".join(([why] if (root / LATEST).exists() else []) + passed_over)
     raise RunError(f"--resume: no complete checkpoint in {root}" + (f" ({details})" if details else ""))
 
