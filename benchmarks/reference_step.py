@@ -21,6 +21,9 @@ merged, weighted, concatenating talk head, Gumbel temperature 1, the policy loss
 (``launch/configs/paper.yaml``'s fields: thought_len 9 = n_ahead less <sot>, <eot> and the base pass; n_true 4;
 n_thoughts 2; the reference loss reduction and weights; the two-layer mixing head) in the one-pass formulation.
 
+Our rows (``--ours``) are the one pass (the default formulation) and the replay formulation with activation
+checkpointing (what ``launch/configs/paper.yaml`` trains); the reference trains without checkpointing.
+
 Both sides load the same base weights (a random ~28M Mistral written here as safetensors), run one micro-batch of
 ``--batch-size`` random sequences of ``--seq-len`` tokens, and take the same step: forward, backward, gradient
 clipping at 1.0 and an AdamW update over every parameter. Each side runs in its own fresh process (the driver
@@ -50,11 +53,17 @@ import time
 import types
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))  # train_step's FLOP counts
+
 # A Mistral of ~28M parameters: benchmarks/train_step.py's llama-23m widths, untied as Mistral is.
 SHAPE = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=8,
              vocab_size=8192, tie_word_embeddings=False, max_position_embeddings=4096, sliding_window=4096)
 N_AHEAD, N_AHEAD_TALK, N_PASSES = 12, 4, 2  # the reference's; ours: thought_len = N_AHEAD - 3
 MARKER_TEXT = "---"
+VARIANTS = {  # our side's rows: (formulation, activation checkpointing)
+    "one_pass": ("one_pass", False),  # the default: the thought tokens go through the network once
+    "efficient+ckpt": ("efficient", True),  # sample, then replay with every layer recomputed in the backward
+}
 
 
 def tokenizer(transformers):
@@ -74,8 +83,8 @@ def batch(torch, batch_size: int, seq_len: int):
     return torch.randint(4, SHAPE["vocab_size"], (batch_size, seq_len), generator=g)
 
 
-def ours(weights: Path):
-    """Our QuietStarModel on the weights, with the reference's objective; returns (model, step inputs)."""
+def ours(weights: Path, variant: str):
+    """Our QuietStarModel on the weights, with the reference's objective, as ``variant`` (``VARIANTS``)."""
     import torch
     import transformers
     from safetensors.torch import load_file
@@ -87,7 +96,9 @@ def ours(weights: Path):
     method = QuietStarConfig(thought_len=N_AHEAD - 3, n_true=N_AHEAD_TALK, n_thoughts=N_PASSES, sample_temperature=1.0,
                              policy_temperature=3.0, base_loss_weight=0.5, talk_loss_weight=0.5, policy_loss_weight=1e6,
                              loss_reduction="reference", mixing_head_layers=2, mixing_head_width=None,
-                             marker_init_text=MARKER_TEXT, formulation="one_pass")
+                             marker_init_text=MARKER_TEXT, formulation=VARIANTS[variant][0])
+    if VARIANTS[variant][1]:
+        lm.activation_checkpointing_enable()
     return QuietStarModel(lm, tokenizer(transformers), method), torch
 
 
@@ -130,7 +141,7 @@ def reference(weights: Path, code: Path):
 
 def side(args) -> dict:
     """One side's measurement, in this process (the driver starts one process per side)."""
-    model, torch = ours(args.weights) if args.side == "ours" else reference(args.weights, args.reference_code)
+    model, torch = ours(args.weights, args.variant) if args.side == "ours" else reference(args.weights, args.reference_code)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model.train()
@@ -152,7 +163,7 @@ def side(args) -> dict:
     before_mb = _rss_mb()
     times = [step() for _ in range(args.warmup + args.steps)][args.warmup:]
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return dict(side=args.side, step_s=statistics.median(times), times=times, peak_mb=peak_mb, step_mb=peak_mb - before_mb,
+    return dict(side=args.side if args.side == "reference" else args.variant, step_s=statistics.median(times), times=times, peak_mb=peak_mb, step_mb=peak_mb - before_mb,
                 threads=args.threads, batch_size=args.batch_size, seq_len=args.seq_len,
                 torch=torch.__version__, transformers=sys.modules["transformers"].__version__)
 
@@ -184,32 +195,73 @@ def drive(args) -> None:
                   "--seq-len", str(args.seq_len), "--steps", str(args.steps), "--warmup", str(args.warmup),
                   "--reference-code", str(args.reference_code)]
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+        sides = [(v, sys.executable, ["--side", "ours", "--variant", v]) for v in args.ours]
+        sides.append(("reference", args.reference_python, ["--side", "reference"]))
         for repeat in range(args.repeats):
-            for name, python in (("ours", sys.executable), ("reference", args.reference_python)):
-                out = subprocess.run([python, __file__, "--side", name, *common], env=env, capture_output=True, text=True)
+            for name, python, which in sides:
+                out = subprocess.run([python, __file__, *which, *common], env=env, capture_output=True, text=True)
                 if out.returncode != 0:
                     sys.exit(f"the {name} side failed:\n{out.stderr[-3000:]}")
                 row = json.loads(out.stdout.strip().splitlines()[-1])
                 rows.append(dict(row, repeat=repeat))
-                print(f"{name:<10} repeat {repeat}: {row['step_s']:.2f} s/step, peak {row['peak_mb']:.0f} MB, "
+                print(f"{name:<15} repeat {repeat}: {row['step_s']:.2f} s/step, peak {row['peak_mb']:.0f} MB, "
                       f"step {row['step_mb']:.0f} MB", flush=True)
 
     def best(name: str, key: str) -> float:
         return min(r[key] for r in rows if r["side"] == name)
 
-    summary = {key: best("ours", key) / best("reference", key) for key in ("step_s", "peak_mb", "step_mb")}
-    print(f"ours / reference: time {summary['step_s']:.2f}x, peak memory {summary['peak_mb']:.2f}x, "
-          f"step memory {summary['step_mb']:.2f}x (best of {args.repeats} each)")
+    ratios = {v: {key: best(v, key) / best("reference", key) for key in ("step_s", "peak_mb", "step_mb")} for v in args.ours}
+    flops = {"reference": reference_flops(args.batch_size, args.seq_len), **{v: ours_flops(v, args.batch_size, args.seq_len)
+                                                                             for v in args.ours}}
+    for v, r in ratios.items():
+        print(f"{v} / reference: time {r['step_s']:.2f}x, peak memory {r['peak_mb']:.2f}x, step memory {r['step_mb']:.2f}x "
+              f"(best of {args.repeats} each); model FLOPs {flops[v] / flops['reference']:.2f}x")
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(rows=rows, ratios=summary, shape=SHAPE,
+        Path(args.json).write_text(json.dumps(dict(rows=rows, ratios=ratios, tflop=flops_in_t(flops), shape=SHAPE,
                                                    n_ahead=N_AHEAD, n_ahead_talk=N_AHEAD_TALK, n_passes=N_PASSES),
                                               indent=1) + "\n")
+
+
+def flops_in_t(flops: dict[str, float]) -> dict[str, float]:
+    return {k: v / 1e12 for k, v in flops.items()}
+
+
+def _shape_config():
+    from types import SimpleNamespace
+
+    return SimpleNamespace(**SHAPE)
+
+
+def reference_flops(batch_size: int, seq_len: int) -> float:
+    """Model FLOPs of the reference's step (forward x3): n_ahead + n_ahead_talk - 1 forwards of all B x n_passes rows,
+    each attending densely to the keys of every pass so far (its 4D mask is applied to all of them) and computing
+    one row of LM logits per position (its extra talk-head logits are not counted: a lower bound)."""
+    from train_step import forward_flops
+
+    forward, rows = forward_flops(_shape_config()), batch_size * N_PASSES
+    passes = N_AHEAD + N_AHEAD_TALK - 1
+    return 3 * sum(forward(rows * seq_len, rows * seq_len * (k + 1) * seq_len, rows * seq_len) for k in range(passes))
+
+
+def ours_flops(variant: str, batch_size: int, seq_len: int) -> float:
+    """Model FLOPs of our step (``train_step.step_flops``: only the keys each query attends to); checkpointing
+    adds one more forward of the trained pass."""
+    from train_step import step_flops
+
+    formulation, checkpointing = VARIANTS[variant]
+    cfg, M = _shape_config(), N_AHEAD - 3
+    total = step_flops(cfg, batch_size, seq_len, M, N_AHEAD_TALK, N_PASSES, formulation)
+    if checkpointing:  # the trained forward once more: one_pass's count is its sampling logits + 3x that forward
+        sampling_logits = M * batch_size * N_PASSES * seq_len * 2 * cfg.hidden_size * cfg.vocab_size
+        total += (step_flops(cfg, batch_size, seq_len, M, N_AHEAD_TALK, N_PASSES, "one_pass") - sampling_logits) / 3
+    return total
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reference-code", type=Path, required=True, help="a clone of ezelikman/quiet-star")
     parser.add_argument("--reference-python", help="the reference environment's python (transformers 4.37)")
+    parser.add_argument("--ours", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS), help="our rows")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--seq-len", type=int, default=256)
@@ -219,6 +271,7 @@ def main() -> None:
     parser.add_argument("--json", help="write the rows and ratios here")
     parser.add_argument("--side", choices=("ours", "reference"), help=argparse.SUPPRESS)
     parser.add_argument("--weights", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--variant", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
         print(json.dumps(side(args)))

@@ -88,14 +88,34 @@ def test_latents_change_the_answer_logits_and_unaligned_latents_are_refused():
     assert latent_span(torch.tensor([[False, True, True, False], [False, False, False, False]])) == (1, 2)
 
 
-def test_gradient_checkpointing_with_latents_is_refused_with_the_reason():
-    model = CoconutModel(tiny_lm("llama"), tiny_tokenizer(), CoconutConfig()).train()
+@pytest.mark.parametrize("family", ["gpt2", "llama", "mistral", "qwen2", *NEW_FAMILIES])
+def test_activation_checkpointing_through_the_latent_passes_is_exact(family):
+    """Checkpointed layers replay the latent passes from a SegmentCache: the loss and every gradient are the
+    unchecked run's, and the replay recomputed the layers (fewer tensors are kept for the backward)."""
+    torch.manual_seed(0)
+    model = perturbed(CoconutModel(tiny_lm(family), tiny_tokenizer(), CoconutConfig())).train()
+    batch = collate(ROWS, pad_id=0)
+
+    def loss_grads_and_saved() -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+        model.zero_grad()
+        torch.manual_seed(1)  # the same dropout masks in both runs (GPT-2 has dropout)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            loss = model(**batch).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, sum(saved)
+
+    plain_loss, plain_grads, plain_saved = loss_grads_and_saved()
     model.lm.activation_checkpointing_enable()
-    batch = collate(ROWS[:2], pad_id=0)
-    with pytest.raises(ValueError, match="gradient checkpointing cannot run continuous thoughts"):
-        model(**batch)
-    cot = collate([ROWS[2]], pad_id=0)  # no latents: checkpointing is fine
-    assert torch.isfinite(model(**cot).loss)
+    loss, grads, saved = loss_grads_and_saved()
+
+    torch.testing.assert_close(loss, plain_loss, rtol=0, atol=0)
+    assert grads.keys() == plain_grads.keys() and model.markers.bot.grad.abs().sum() > 0
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, plain_grads[name], rtol=1e-6, atol=1e-7, msg=name)
+    assert saved < plain_saved / 2
+    assert all(not hasattr(m, "_can_checkpoint_with_cache") or not m._can_checkpoint_with_cache
+               for m in model.lm.modules())  # the layers are unmarked after the forward
 
 
 def test_saved_model_is_a_stock_checkpoint_and_reloads(tmp_path):

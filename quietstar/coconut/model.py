@@ -23,6 +23,7 @@ layer's), embeddings are built once as a tensor, and the loop has no host syncs.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from quietstar.coconut.config import CoconutConfig
 from quietstar.coconut.markers import LATENT, CoconutMarkers
+from quietstar.coconut.segment_cache import SegmentCache, cache_kept_under_checkpointing
 from quietstar.core.latent_model import LatentReasoningModel
 from quietstar.core.marker_init import mean_text_embedding
 
@@ -117,29 +119,33 @@ class CoconutModel(LatentReasoningModel):
         """
         is_latent = input_ids == LATENT
         p0, width = latent_span(is_latent)
-        if width and self.training and self.lm.is_activation_checkpointing:
-            # HF layers drop the KV cache (`cache=`) under checkpointing in training mode, and the latent passes need them.
-            raise ValueError("CoconutModel: gradient checkpointing cannot run continuous thoughts (the latent passes need "
-                             "the KV cache, which HF drops under checkpointing); disable gradient_checkpointing")
         embeds = self.embed(input_ids)
         positions = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)  # left padding shifts the positions
         decoder = self.lm.base_model
         if not width and cache is None:
-            return decoder(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions).last_hidden_state
-        cache = cache if cache is not None else DynamicCache(config=self.lm.config)
+            return decoder(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions,
+                           use_cache=False).last_hidden_state
+        # Under activation checkpointing each layer is replayed in the backward: the passes attend through a
+        # SegmentCache, whose views the replay can reuse (a DynamicCache would be appended to twice).
+        checkpointed = self.training and torch.is_grad_enabled() and self.lm.is_activation_checkpointing
+        if checkpointed and cache is not None:
+            raise ValueError("CoconutModel.hidden_states: cache= cannot be filled under activation checkpointing")
+        segments = SegmentCache(self.lm.config.get_text_config().num_hidden_layers) if checkpointed else None
+        cache = cache if cache is not None or checkpointed else DynamicCache(config=self.lm.config)
 
         def run(start: int, stop: int, inputs: torch.Tensor) -> torch.Tensor:
             return decoder(inputs_embeds=inputs, attention_mask=attention_mask[:, :stop], position_ids=positions[:, start:stop],
-                           cache=cache, use_cache=True).last_hidden_state
+                           cache=segments.next_pass() if checkpointed else cache, use_cache=True).last_hidden_state
 
         length = input_ids.shape[1]
         p0 = p0 if width else length
-        parts = [run(0, p0, embeds[:, :p0])] if p0 else []
-        for col in range(p0, p0 + width):
-            fed_back = torch.where(is_latent[:, col, None, None], parts[-1][:, -1:], embeds[:, col:col + 1])
-            parts.append(run(col, col + 1, fed_back))
-        if p0 + width < length:
-            parts.append(run(p0 + width, length, embeds[:, p0 + width:]))
+        with cache_kept_under_checkpointing(self.lm) if checkpointed else contextlib.nullcontext():
+            parts = [run(0, p0, embeds[:, :p0])] if p0 else []
+            for col in range(p0, p0 + width):
+                fed_back = torch.where(is_latent[:, col, None, None], parts[-1][:, -1:], embeds[:, col:col + 1])
+                parts.append(run(col, col + 1, fed_back))
+            if p0 + width < length:
+                parts.append(run(p0 + width, length, embeds[:, p0 + width:]))
         return torch.cat(parts, dim=1)
 
     def forward(

@@ -52,7 +52,8 @@ class EngineConfig:
         precision: ``bf16`` (bf16 compute, fp32 master weights), ``fp32``, or
             ``auto`` (bf16 on CUDA, fp32 on CPU).
         gradient_checkpointing: recompute each layer in backward to save memory. Quiet-STaR needs
-            ``formulation: efficient`` with it (the default one pass keeps each block's keys for the next).
+            ``formulation: efficient`` with it (the default one pass keeps each block's keys for the next);
+            Coconut checkpoints through its latent passes exactly (``coconut.segment_cache``).
         save_every: a checkpoint every this many optimizer steps (and at the end); 0
             saves only at the end (and, for Coconut, at each epoch's end).
         keep_checkpoints: how many of the newest checkpoints to keep; 0 keeps all.
