@@ -346,3 +346,54 @@ def test_malformed_records_fail_with_the_line_number(tmp_path, capsys):
     assert "eval data file not found" in capsys.readouterr().err
     assert main(base + [str(bad), "--task", "mmlu"]) == 2
     assert "EvalConfig.task: must be one of gsm8k, csqa" in capsys.readouterr().err
+
+
+def test_an_evaluation_that_stops_resumes_to_the_uninterrupted_report(tmp_path, monkeypatch, capsys):
+    """Stopped in its third batch, then rerun with --resume: the uninterrupted run's report, sampled thoughts and
+    chains of thought included (each batch samples from its own seeded generator, whatever ran before it in the
+    process); without --resume, or with other settings, the rerun is refused in one line."""
+    import quietstar.evaluation.zero_shot as zero_shot
+    from quietstar.evaluation.item_log import partial_path
+
+    saved_eval_model(tmp_path)
+    data = write_jsonl(tmp_path / "gsm8k.jsonl", gsm8k_records() * 2)  # 6 items: 3 batches of 2
+    whole, out = tmp_path / "whole.json", tmp_path / "report.json"
+    args = ["--model", str(tmp_path / "model"), "--task", "gsm8k", "--data-file", str(data), "--batch-size", "2",
+            "--cot-samples", "3", "--cot-max-new-tokens", "4"]
+    assert main(args + ["--output", str(whole)]) == 0
+    assert not partial_path(whole).exists()  # the log goes once the report is written
+
+    calls, real = [], zero_shot.gold_logprobs
+
+    def stops_in_the_third_batch(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # as a kill would stop it, after two finished batches
+        return real(*a, **k)
+
+    monkeypatch.setattr(zero_shot, "gold_logprobs", stops_in_the_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        main(args + ["--output", str(out)])
+    monkeypatch.setattr(zero_shot, "gold_logprobs", real)
+    log = partial_path(out)
+    assert len(log.read_text().splitlines()) == 1 + 4 and not out.exists()
+    capsys.readouterr()
+    assert main(args + ["--output", str(out)]) == 2  # before the model loads
+    assert capsys.readouterr().err == (f"quietstar eval: error: {log} holds the items of an unfinished evaluation; "
+                                       "pass --resume to continue it, or delete the file to start again\n")
+    assert main(args + ["--output", str(out), "--resume", "--cot-temperature", "0.9"]) == 2
+    assert capsys.readouterr().err == (f"quietstar eval: error: --resume: {log} was written with other settings: "
+                                       "cot_temperature (then 0.7, now 0.9)\n")
+    assert main(args + ["--resume"]) == 2
+    assert "error: --resume continues from the items kept beside --output; give --output" in capsys.readouterr().err
+    assert main(args + ["--output", str(out), "--resume"]) == 0
+    resumed, expected = json.loads(out.read_text()), json.loads(whole.read_text())
+    for report in (resumed, expected):  # what differs between any two runs: the timings and the output path
+        del report["seconds"], report["settings"]["output"]
+        for mode in ("base", "thoughts"):
+            del report[mode]["generation_tokens_per_s"]
+    assert resumed == expected and not log.exists()
+    chains = {}  # the draws are samples: each question is asked twice, and its chains differ
+    for item in expected["items"]:
+        chains.setdefault(item["question"], []).append(item["thoughts"]["cot_chains"])
+    assert all(first != second for first, second in chains.values())

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from helpers import WORDS, move_off_init, tiny_lm, tiny_tokenizer
 
 from quietstar import QuietStarConfig, QuietStarModel
+from quietstar.evaluation.item_log import batch_generator, partial_path
 from quietstar.evaluation.perplexity import (
     TokenScores,
     Window,
@@ -92,12 +93,12 @@ def window_batches(tokenizer) -> list[tuple[list[torch.Tensor], tuple[torch.Tens
     return out
 
 
-@pytest.fixture(scope="module")
-def seeded_forwards(report) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(talk NLLs [n-1], thoughts [n-1, R, M], shuffled-thought talk NLLs [n-1]) per window, from seeded batches."""
-    model = report[0]
-    generator, out = torch.Generator().manual_seed(SEED), []
-    for batch, (ids, mask) in window_batches(model.tokenizer):
+def forwards(model, generator_of) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(talk NLLs [n-1], thoughts [n-1, R, M], shuffled-thought talk NLLs [n-1]) per window; ``generator_of(s)`` samples
+    the batch whose first window is number s."""
+    out = []
+    for number, (batch, (ids, mask)) in enumerate(window_batches(model.tokenizer)):
+        generator = generator_of(number * BATCH_SIZE)
         with torch.no_grad():
             result = model(ids, mask, generator=generator)
             _, talk, valid = result.next_token_nlls()
@@ -105,6 +106,19 @@ def seeded_forwards(report) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tens
             _, shuffled, _ = model(ids, mask, thoughts=moved).next_token_nlls()
         out += [(talk[i, : len(row) - 1], result.thoughts[i, : len(row) - 1], shuffled[i, : len(row) - 1]) for i, row in enumerate(batch)]
     return out
+
+
+@pytest.fixture(scope="module")
+def seeded_forwards(report) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The report's forwards: each batch from its own generator, seeded with SEED and its first window's number."""
+    return forwards(report[0], lambda start: batch_generator(SEED, start))
+
+
+@pytest.fixture(scope="module")
+def one_stream_forwards(report) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The held-out evaluation's forwards: every batch from one generator seeded with SEED."""
+    generator = torch.Generator().manual_seed(SEED)
+    return forwards(report[0], lambda start: generator)
 
 
 def test_cli_writes_the_three_files_with_the_report_contract(report):
@@ -122,12 +136,12 @@ def test_cli_writes_the_three_files_with_the_report_contract(report):
     assert data["settings"]["seq_len"] == SEQ_LEN and data["settings"]["thought_len"] == 3
 
 
-def test_heldout_nll_gives_the_paired_talk_minus_shuffled_difference_and_its_standard_error(report, seeded_forwards):
+def test_heldout_nll_gives_the_paired_talk_minus_shuffled_difference_and_its_standard_error(report, one_stream_forwards):
     """The recipes' held-out numbers on the same seeded batches: the mean of talk - shuffled over tokens, and its SE."""
     model = report[0]
     batches = [tensors for _, tensors in window_batches(model.tokenizer)]
     values = heldout_nll(model, batches, torch.device("cpu"), seed=SEED)
-    differences = torch.cat([talk - shuffled for talk, _, shuffled in seeded_forwards]).double()
+    differences = torch.cat([talk - shuffled for talk, _, shuffled in one_stream_forwards]).double()
     assert values["tokens"] == len(differences)
     assert values["talk_minus_shuffled"] == pytest.approx(float(differences.mean()), abs=1e-5)  # float32 forwards
     assert values["talk_minus_shuffled_se"] == pytest.approx(float(differences.std() / math.sqrt(len(differences))), rel=1e-4)
@@ -176,6 +190,50 @@ def test_shuffle_moves_every_valid_position_and_keeps_the_rest():
     single = torch.zeros(1, 3, dtype=torch.bool)
     single[0, 1] = True
     assert torch.equal(shuffle_thoughts(thoughts[:1, :3], single), thoughts[:1, :3])
+
+
+def test_a_report_that_stops_resumes_to_the_uninterrupted_report(report, tmp_path, monkeypatch, capsys):
+    """Stopped in its third batch, with the second batch's last line lost (a kill while it was written), then rerun
+    with --resume: report.json equal to the uninterrupted run's bit for bit (its seconds aside), and the same
+    tokens.html; without --resume, or with other settings, the rerun is refused in one line."""
+    import quietstar.evaluation.perplexity as perplexity
+
+    root = report[1].parent
+    argv = ["--model", str(root / "model"), "--data-file", str(root / "held&out.jsonl"), "--seq-len", str(SEQ_LEN),
+            "--batch-size", "2", "--seed", str(SEED)]  # 6 windows: 3 batches
+    whole, out = tmp_path / "whole", tmp_path / "out"
+    assert main(argv + ["--output-dir", str(whole)]) == 0
+    assert not partial_path(whole / "report.json").exists()  # the log goes once the report is written
+
+    calls, real = [], perplexity.token_nlls
+
+    def stops_in_the_third_batch(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # as a kill would stop it, after two finished batches
+        return real(*a, **k)
+
+    monkeypatch.setattr(perplexity, "token_nlls", stops_in_the_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        main(argv + ["--output-dir", str(out)])
+    monkeypatch.setattr(perplexity, "token_nlls", real)
+    log = partial_path(out / "report.json")
+    lines = log.read_text().splitlines()
+    assert len(lines) == 1 + 4 and not (out / "report.json").exists()
+    log.write_text("\n".join(lines[:-1]) + "\n")  # the second batch half written: it is scored again, as a batch
+    capsys.readouterr()
+    assert main(argv + ["--output-dir", str(out)]) == 2  # the last line of stderr, after the model's loading bar
+    assert capsys.readouterr().err.endswith(f"\nquietstar perplexity: error: {log} holds the items of an unfinished evaluation; "
+                                            "pass --resume to continue it, or delete the file to start again\n")
+    assert main(argv + ["--output-dir", str(out), "--resume", "--seed", "6"]) == 2
+    assert capsys.readouterr().err.endswith(f"\nquietstar perplexity: error: --resume: {log} was written with other settings: "
+                                            "seed (then 5, now 6)\n")
+    assert main(argv + ["--output-dir", str(out), "--resume"]) == 0
+    resumed, expected = (json.loads((d / "report.json").read_text()) for d in (out, whole))
+    assert resumed.pop("seconds") > 0 and expected.pop("seconds") > 0
+    assert resumed == expected and not log.exists()
+    assert (out / "tokens.html").read_text() == (whole / "tokens.html").read_text()
+    assert {p.name for p in out.iterdir()} == {"report.json", "difficulty.png", "tokens.html"}
 
 
 def test_difficulty_png_is_a_readable_png(report):

@@ -25,6 +25,13 @@ with token-parallel thoughts and writes to ``--output-dir``:
 
 Token difficulty is the base NLL, binned with the fixed edges ``DIFFICULTY_EDGES`` (nats;
 a bin holds lo <= base NLL < hi), as in the Quiet-STaR paper's per-difficulty figure.
+
+While it scores, each finished batch's windows (their token ids, NLLs and first thoughts) are kept in
+``report.json.partial.jsonl`` in the output directory (``item_log``). A report that stopped continues
+with ``--resume``: the kept scores are read back exactly, each batch samples from a generator seeded
+from ``seed`` and its first window (``item_log.batch_generator``), and the report equals the
+uninterrupted run's bit for bit (its ``seconds`` aside). The training runs' held-out evaluation
+(``heldout_nll``) keeps one generator through all its batches.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -48,6 +55,7 @@ from quietstar.core.files import input_file
 from quietstar.core.loading import load_model
 from quietstar.core.offline import SMOLLM2
 from quietstar.core.text_data import jsonl_records, pad_rows
+from quietstar.evaluation.item_log import ItemLog, batch_generator
 from quietstar.evaluation.reports import TokenScores, Window, write_html, write_png
 from quietstar.quiet_star.config import QuietStarConfig
 from quietstar.quiet_star.model import QuietStarModel
@@ -166,26 +174,56 @@ def make_windows(documents: Iterable[list[int]], seq_len: int, max_tokens: int) 
 
 @torch.no_grad()
 def score_windows(
-    model, windows: list[Window], batch_size: int, generator: torch.Generator, progress: bool = False
+    model, windows: list[Window], batch_size: int, seed: int, progress: bool = False, scores: TokenScores | None = None,
+    on_batch: Callable[[list[dict[str, Any]], float], None] | None = None,
 ) -> TokenScores:
     """Base and talk NLL of every next token of ``windows``.
 
-    The windows are scored in order, ``batch_size`` at a time, each batch right padded and
-    run through one forward of ``model`` with token-parallel thoughts sampled by ``generator``,
-    then once more with those thoughts shuffled between positions (the control).
+    The windows are scored in order, ``batch_size`` at a time, each batch right padded and run through one forward
+    of ``model`` with token-parallel thoughts sampled by ``batch_generator(seed, s)`` (a CPU generator; s: the
+    index of the batch's first window), then once more with those thoughts shuffled between positions (the
+    control). ``scores``, if given, holds the scores of the first windows (whole batches, a resumed run's): the
+    rest are appended to it. ``on_batch(records, seconds)``, if given, gets each batch's ``window_records`` and
+    its seconds.
     """
     device = next(model.parameters()).device
-    scores = TokenScores()
-    for start in tqdm(range(0, len(windows), batch_size), desc="scoring", unit="batch", disable=not progress):
+    scores = scores if scores is not None else TokenScores()
+    for start in tqdm(range(len(scores.base), len(windows), batch_size), desc="scoring", unit="batch", disable=not progress):
+        began = time.perf_counter()
         batch = windows[start : start + batch_size]
         ids, mask = pad_rows([window.ids for window in batch])
-        (base, talk, shuffled, _), thoughts = token_nlls(model, ids.to(device), mask.to(device), generator)
+        (base, talk, shuffled, _), thoughts = token_nlls(model, ids.to(device), mask.to(device), batch_generator(seed, start))
         for row, window in enumerate(batch):
             n = len(window.ids) - 1
             scores.base.append(base[row, :n].float().cpu())
             scores.talk.append(talk[row, :n].float().cpu())
             scores.shuffled.append(shuffled[row, :n].float().cpu())
             scores.thoughts.append(thoughts[row, :n, 0].cpu())
+        if on_batch is not None:
+            on_batch(window_records(batch, scores, start), time.perf_counter() - began)
+    return scores
+
+
+def window_records(windows: list[Window], scores: TokenScores, first: int) -> list[dict[str, Any]]:
+    """The scores of ``windows``, which are entries ``first``, ``first + 1``, ... of ``scores``, as JSON records:
+    the window's token ``ids`` and its ``base``, ``talk`` and ``shuffled`` NLLs and ``thoughts`` as lists.
+
+    A float32 NLL is a Python float exactly, and JSON writes a float so that it reads back the same, so the
+    records give back the very tensors (``scores_of``).
+    """
+    return [{"ids": window.ids, "base": scores.base[first + i].tolist(), "talk": scores.talk[first + i].tolist(),
+             "shuffled": scores.shuffled[first + i].tolist(), "thoughts": scores.thoughts[first + i].tolist()}
+            for i, window in enumerate(windows)]
+
+
+def scores_of(records: list[dict[str, Any]]) -> TokenScores:
+    """The ``TokenScores`` of ``window_records``: base, talk, shuffled [n - 1] float32, thoughts [n - 1, M] int64 each."""
+    scores = TokenScores()
+    for record in records:
+        scores.base.append(torch.tensor(record["base"], dtype=torch.float32))
+        scores.talk.append(torch.tensor(record["talk"], dtype=torch.float32))
+        scores.shuffled.append(torch.tensor(record["shuffled"], dtype=torch.float32))
+        scores.thoughts.append(torch.tensor(record["thoughts"], dtype=torch.long))
     return scores
 
 
@@ -252,7 +290,7 @@ class ReportConfig:
         max_tokens: score at most this many tokens.
         max_documents: read at most this many documents (None: all).
         html_tokens: tokens shown in tokens.html.
-        seed: seed of the thought sampler.
+        seed: seed of the thought sampler (each batch's generator: ``item_log.batch_generator``).
         device: ``auto`` (CUDA if available), ``cpu``, ``cuda`` or ``cuda:N``.
     """
 
@@ -286,7 +324,8 @@ def build_report(config: ReportConfig, model, windows: list[Window], scores: Tok
     """The content of report.json.
 
     Keys: model, data_file, documents (with a scored window), windows, the ``summary`` keys,
-    bins (``difficulty_bins``), settings, and seconds (reading, loading and scoring).
+    bins (``difficulty_bins``), settings, and seconds (reading, loading and scoring; a resumed run adds the
+    scoring seconds of the windows it read back).
     """
     base, talk, shuffled = scores.flat()
     cfg = model.config
@@ -322,6 +361,8 @@ def print_summary(report: dict[str, Any], paths: list[Path]) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="a YAML file of ReportConfig / QuietStarConfig fields (flags override it)")
+    parser.add_argument("--resume", action="store_true", help="continue a report that stopped, from the windows it kept "
+                        "in <output-dir>/report.json.partial.jsonl")
     add_dataclass_arguments(parser, ReportConfig, f"report (--model, --data-file and --output-dir are required; model may be '{SMOLLM2}')")
     add_dataclass_arguments(parser, QuietStarConfig, "Quiet-STaR settings (for a plain base model; a saved model keeps its own)")
 
@@ -329,23 +370,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     values = load_yaml(args.config)
     config = build_config(ReportConfig, values, args)
+    quiet_star = build_config(QuietStarConfig, values, args)
     started = time.perf_counter()
     texts = read_documents(Path(config.data_file), config.text_field, config.max_documents)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device
-    model = load_model(QuietStarModel, config.model, build_config(QuietStarConfig, values, args)).eval().to(device)
+    model = load_model(QuietStarModel, config.model, quiet_star).eval().to(device)
     tokenizer = model.tokenizer
     documents = (tokenizer(text)["input_ids"] for text in texts)  # with its own specials (Gemma's <bos>)
     windows = make_windows(documents, config.seq_len, config.max_tokens)
     if not windows:
         raise ValueError(f"{config.data_file}: no text to score (no document has 2 or more tokens)")
-    scores = score_windows(model, windows, config.batch_size, torch.Generator().manual_seed(config.seed), progress=True)
-    report = build_report(config, model, windows, scores, time.perf_counter() - started)
     output_dir = Path(config.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     paths = [output_dir / name for name in ("report.json", "difficulty.png", "tokens.html")]
+    settings = {**{k: v for k, v in dataclasses.asdict(config).items() if k not in ("output_dir", "html_tokens")},
+                **dataclasses.asdict(quiet_star)}
+    log = ItemLog(paths[0], settings, [window.ids for window in windows], args.resume, key="ids")
+    earlier = log.seconds  # the scoring seconds of the windows a stopped run kept
+    scores = score_windows(model, windows, config.batch_size, config.seed, progress=True, scores=scores_of(log.items),
+                           on_batch=log.add)
+    report = build_report(config, model, windows, scores, time.perf_counter() - started + earlier)
     write_report(paths[0], report)
     write_png(paths[1], report["bins"], f"Improvement from thoughts by token difficulty\n{config.model}")
     write_html(paths[2], report, windows, scores, tokenizer, config.html_tokens)
+    log.close()
     print_summary(report, paths)
     return report
 

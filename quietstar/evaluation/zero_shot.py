@@ -21,7 +21,15 @@ log P(gold) and its standard error, which resolve far smaller effects than the
 difference of the two means), generation tokens/s, and with ``--cot-samples N`` a zero-shot
 chain-of-thought majority vote over N sampled chains. Items are processed in
 batches sorted by prompt length; every number is reproducible for a seed and a
-batch size.
+batch size. Each batch samples its thoughts and chains from a generator of its own,
+seeded from ``seed`` and the batch's first position (``item_log.batch_generator``), so
+its results do not depend on the batches before it. Before evaluations resumed, one
+generator ran through all the batches: the sampled numbers measured then (with thoughts,
+the chains) differ from today's by their sampling noise; those without sampling are the same.
+
+With ``--output``, finished items are kept in ``<output>.partial.jsonl`` as they go (``item_log``); a run
+that stopped continues with ``--resume`` and ends with the report an uninterrupted run writes (the
+timings aside).
 """
 
 from __future__ import annotations
@@ -43,12 +51,14 @@ from quietstar.core.cli_config import add_dataclass_arguments, build_config, is_
 from quietstar.core.loading import load_model
 from quietstar.core.offline import SMOLLM2
 from quietstar.core.text_data import pad_rows
+from quietstar.evaluation.item_log import ItemLog, batch_generator
 from quietstar.evaluation.tasks import COT_TRIGGER, TASKS, EvalItem, extract_answer, load_items
 from quietstar.quiet_star.config import QuietStarConfig
 from quietstar.quiet_star.generation import generate, predict_continuation
 from quietstar.quiet_star.model import QuietStarModel
 
 MODES = ("base", "thoughts")
+PHASES = ("score", *(f"generate_{mode}" for mode in MODES), "cot")  # the timed parts of a batch
 DEFAULT_MAX_NEW_TOKENS = {"gsm8k": 16, "csqa": 8}
 
 
@@ -67,7 +77,7 @@ class EvalConfig:
         thought_samples: independent thought draws averaged in the ``thoughts`` score.
         max_new_tokens: greedy tokens for exact match (None: 16 for gsm8k, 8 for csqa).
         greedy_thoughts: argmax thought tokens instead of sampling them.
-        seed: seed of every sampled thought and chain.
+        seed: seed of every sampled thought and chain (each batch's generator: ``item_log.batch_generator``).
         cot_samples: chains of thought sampled per item for the majority vote (0: off).
         cot_temperature: sampling temperature of the chains.
         cot_max_new_tokens: length limit of each chain.
@@ -181,8 +191,8 @@ def newline_token_ids(tokenizer, blank_line: bool = False) -> list[int]:
 
 def completions(model: QuietStarModel, prompts: list[str], thoughts: bool, *, greedy: bool, temperature: float,
                 max_new_tokens: int, stop_token_ids: list[int], greedy_thoughts: bool, generator: torch.Generator,
-                device: torch.device) -> tuple[list[str], int]:
-    """Generated text after each prompt (up to EOS), and the number of tokens generated."""
+                device: torch.device) -> tuple[list[str], list[int]]:
+    """Generated text after each prompt (up to EOS), and the number of tokens generated after each."""
     tokenizer = model.tokenizer
     ids, mask = left_padded(tokenizer, prompts, device)
     eos = tokenizer.eos_token_id
@@ -190,13 +200,13 @@ def completions(model: QuietStarModel, prompts: list[str], thoughts: bool, *, gr
         raise ValueError("the tokenizer has no EOS token; generation needs one to mark finished rows")
     out = generate(model, ids, mask, max_new_tokens=max_new_tokens, thoughts=thoughts, greedy=greedy, temperature=temperature,
                    greedy_thoughts=greedy_thoughts, eos_token_id=eos, stop_token_ids=stop_token_ids, generator=generator)
-    texts, count = [], 0
+    texts, counts = [], []
     for row in out.sequences[:, ids.shape[1]:].tolist():
         if eos in row:
             row = row[: row.index(eos)]
-        count += len(row)
+        counts.append(len(row))
         texts.append(tokenizer.decode(row, skip_special_tokens=True))
-    return texts, count
+    return texts, counts
 
 
 def majority(answers: list[str | None]) -> str | None:
@@ -219,56 +229,89 @@ def _stats(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(var / n)
 
 
-def evaluate(model: QuietStarModel, items: list[EvalItem], config: EvalConfig, progress: bool = True) -> dict:
-    """Score ``items`` with and without thoughts; the report as a JSON-ready dict."""
+def evaluation_order(items: list[EvalItem]) -> list[int]:
+    """The indices of ``items`` in the order they are evaluated: by prompt length (ties in file order), so that a
+    batch's prompts pad little."""
+    return sorted(range(len(items)), key=lambda i: len(items[i].prompt))
+
+
+def evaluate_batch(model: QuietStarModel, batch: list[EvalItem], config: EvalConfig, generator: torch.Generator,
+                   answer_stops: list[int], chain_stops: list[int]) -> tuple[list[dict], dict[str, float]]:
+    """One batch of items: their results (in ``batch`` order) and the seconds of each of ``PHASES``.
+
+    A result has the item's ``id``, ``question`` and ``gold``, then per mode (``base``, ``thoughts``)
+    ``gold_logprob``, the greedy ``completion`` with its ``answer``, ``exact_match`` and
+    ``generated_tokens``, for CommonsenseQA ``choice_correct``, with ``--cot-samples`` the chains and their vote,
+    and ``shuffled`` (the control's ``gold_logprob``, ``choice_correct``). Every sample draws from ``generator``.
+    """
     device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(config.seed)
-    tokenizer = model.tokenizer
-    answer_stops = newline_token_ids(tokenizer)
-    chain_stops = newline_token_ids(tokenizer, blank_line=True) if config.cot_samples else []
-    results = [{"id": item.id, "gold": item.gold} for item in items]
-    seconds = {"score": 0.0, **{f"generate_{mode}": 0.0 for mode in MODES}, "cot": 0.0}
-    generated = dict.fromkeys(MODES, 0)
-    order = sorted(range(len(items)), key=lambda i: len(items[i].prompt))
-    bar = tqdm(total=len(items), desc=f"{config.task} eval", unit="item", disable=not progress)
-    for start in range(0, len(order), config.batch_size):
-        index = order[start : start + config.batch_size]
-        batch = [items[i] for i in index]
+    results = [{"id": item.id, "question": item.question, "gold": item.gold} for item in batch]
+    seconds = dict.fromkeys(PHASES, 0.0)
+    started = time.perf_counter()
+    logprobs = gold_logprobs(model, batch, config.thought_samples, greedy_thoughts=config.greedy_thoughts, generator=generator)
+    seconds["score"] = time.perf_counter() - started
+    for mode in MODES:
         started = time.perf_counter()
-        logprobs = gold_logprobs(model, batch, config.thought_samples, greedy_thoughts=config.greedy_thoughts, generator=generator)
-        seconds["score"] += time.perf_counter() - started
-        for mode in MODES:
+        texts, counts = completions(
+            model, [item.prompt for item in batch], mode == "thoughts", greedy=True, temperature=1.0,
+            max_new_tokens=config.new_tokens, stop_token_ids=answer_stops, greedy_thoughts=config.greedy_thoughts,
+            generator=generator, device=device)
+        seconds[f"generate_{mode}"] = time.perf_counter() - started
+        for row, (result, item, text, count) in enumerate(zip(results, batch, texts, counts)):
+            answer = extract_answer(item, text)
+            result[mode] = {"gold_logprob": float(logprobs[mode][row]), "completion": text, "answer": answer,
+                            "exact_match": answer == item.gold, "generated_tokens": count}
+            if f"{mode}_correct" in logprobs:
+                result[mode]["choice_correct"] = bool(logprobs[f"{mode}_correct"][row])
+            if mode == "thoughts":
+                result["shuffled"] = {"gold_logprob": float(logprobs["shuffled"][row])}
+                if "shuffled_correct" in logprobs:
+                    result["shuffled"]["choice_correct"] = bool(logprobs["shuffled_correct"][row])
+        if config.cot_samples:
             started = time.perf_counter()
-            texts, count = completions(
-                model, [item.prompt for item in batch], mode == "thoughts", greedy=True, temperature=1.0,
-                max_new_tokens=config.new_tokens, stop_token_ids=answer_stops, greedy_thoughts=config.greedy_thoughts,
-                generator=generator, device=device)
-            seconds[f"generate_{mode}"] += time.perf_counter() - started
-            generated[mode] += count
-            for row, (i, item, text) in enumerate(zip(index, batch, texts)):
-                answer = extract_answer(item, text)
-                results[i][mode] = {"gold_logprob": float(logprobs[mode][row]), "completion": text, "answer": answer,
-                                    "exact_match": answer == item.gold}
-                if f"{mode}_correct" in logprobs:
-                    results[i][mode]["choice_correct"] = bool(logprobs[f"{mode}_correct"][row])
-                if mode == "thoughts":
-                    results[i]["shuffled"] = {"gold_logprob": float(logprobs["shuffled"][row])}
-                    if "shuffled_correct" in logprobs:
-                        results[i]["shuffled"]["choice_correct"] = bool(logprobs["shuffled_correct"][row])
-            if config.cot_samples:
-                started = time.perf_counter()
-                chains, _ = completions(
-                    model, [item.prompt + COT_TRIGGER for item in batch for _ in range(config.cot_samples)],
-                    mode == "thoughts", greedy=False, temperature=config.cot_temperature,
-                    max_new_tokens=config.cot_max_new_tokens, stop_token_ids=chain_stops,
-                    greedy_thoughts=config.greedy_thoughts, generator=generator, device=device)
-                seconds["cot"] += time.perf_counter() - started
-                for row, (i, item) in enumerate(zip(index, batch)):
-                    mine = [c.split("\nQ:")[0] for c in chains[row * config.cot_samples : (row + 1) * config.cot_samples]]
-                    vote = majority([extract_answer(item, chain, chain_of_thought=True) for chain in mine])
-                    results[i][mode].update(cot_chains=mine, cot_answer=vote, cot_correct=vote == item.gold)
+            chains, _ = completions(
+                model, [item.prompt + COT_TRIGGER for item in batch for _ in range(config.cot_samples)],
+                mode == "thoughts", greedy=False, temperature=config.cot_temperature,
+                max_new_tokens=config.cot_max_new_tokens, stop_token_ids=chain_stops,
+                greedy_thoughts=config.greedy_thoughts, generator=generator, device=device)
+            seconds["cot"] += time.perf_counter() - started
+            for row, (result, item) in enumerate(zip(results, batch)):
+                mine = [c.split("\nQ:")[0] for c in chains[row * config.cot_samples : (row + 1) * config.cot_samples]]
+                vote = majority([extract_answer(item, chain, chain_of_thought=True) for chain in mine])
+                result[mode].update(cot_chains=mine, cot_answer=vote, cot_correct=vote == item.gold)
+    return results, seconds
+
+
+def evaluate(model: QuietStarModel, items: list[EvalItem], config: EvalConfig, progress: bool = True,
+             log: ItemLog | None = None) -> dict:
+    """Score ``items`` with and without thoughts; the report as a JSON-ready dict.
+
+    The items go in batches of ``config.batch_size`` in ``evaluation_order``; the batch whose first item is at
+    position ``start`` of that order samples from ``batch_generator(config.seed, start)``, so every batch's
+    results depend on the seed and its items alone. With ``log``, the batches it holds are not evaluated again
+    (their results are read from it) and each new batch is added to it as soon as it is done.
+    """
+    device = next(model.parameters()).device
+    answer_stops = newline_token_ids(model.tokenizer)
+    chain_stops = newline_token_ids(model.tokenizer, blank_line=True) if config.cot_samples else []
+    order = evaluation_order(items)
+    done = list(log.items) if log is not None else []  # results in evaluation order
+    seconds = {phase: log.phases.get(phase, 0.0) if log is not None else 0.0 for phase in PHASES}
+    bar = tqdm(total=len(items), initial=len(done), desc=f"{config.task} eval", unit="item", disable=not progress)
+    for start in range(len(done), len(order), config.batch_size):
+        batch = [items[i] for i in order[start : start + config.batch_size]]
+        generator = batch_generator(config.seed, start, device)
+        records, phases = evaluate_batch(model, batch, config, generator, answer_stops, chain_stops)
+        if log is not None:
+            log.add(records, sum(phases.values()), phases)
+        done += records
+        seconds = {phase: seconds[phase] + phases[phase] for phase in PHASES}
         bar.update(len(batch))
     bar.close()
+    results: list[dict] = [{} for _ in items]  # back in file order
+    for i, result in zip(order, done):
+        results[i] = result
+    generated = {mode: sum(r[mode]["generated_tokens"] for r in results) for mode in MODES}
 
     report = {"task": config.task, "n": len(items)}
     for mode in MODES:
@@ -330,6 +373,8 @@ def format_table(report: dict) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="a YAML file of EvalConfig / QuietStarConfig fields (flags override it)")
+    parser.add_argument("--resume", action="store_true", help="continue an evaluation that stopped, from the items it kept "
+                        "in <output>.partial.jsonl (needs --output)")
     add_dataclass_arguments(parser, EvalConfig, "evaluation")
     add_dataclass_arguments(parser, QuietStarConfig, "Quiet-STaR settings (for a plain base model; a saved model keeps its own)")
 
@@ -337,11 +382,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> dict:
     values = load_yaml(args.config)
     config = build_config(EvalConfig, values, args)
+    quiet_star = build_config(QuietStarConfig, values, args)
+    if args.resume and not config.output:
+        raise ValueError("--resume continues from the items kept beside --output; give --output")
     items = load_items(config.task, config.data_file, config.limit)
-    model = load_model(QuietStarModel, config.model, build_config(QuietStarConfig, values, args)).eval()
+    log = None
+    if config.output:  # before the model loads: a rerun over kept items is refused at once
+        settings = {**{k: v for k, v in dataclasses.asdict(config).items() if k != "output"}, **dataclasses.asdict(quiet_star)}
+        log = ItemLog(Path(config.output), settings, [items[i].question for i in evaluation_order(items)], args.resume)
+    model = load_model(QuietStarModel, config.model, quiet_star).eval()
     if torch.cuda.is_available():
         model.cuda()
-    report = evaluate(model, items, config)
+    report = evaluate(model, items, config, log=log)
     report["model"], report["data"] = config.model, config.data_file
     print(format_table(report))
     if config.output:
@@ -350,6 +402,7 @@ def run(args: argparse.Namespace) -> dict:
         partial = path.with_name(path.name + ".partial")
         partial.write_text(json.dumps(report, indent=1) + "\n")
         partial.replace(path)
+        log.close()
         print(f"report: {path}")
     return report
 
