@@ -335,3 +335,15 @@ def test_missing_file_unsupported_suffix_and_no_text_exit_2(report, tmp_path, ca
     (tmp_path / "one.txt").write_text("sum\n")
     assert "no text to score" in run(tmp_path / "one.txt")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("size", [0, -1, "2", True])
+def test_a_kept_items_file_with_a_bad_batch_size_is_refused_in_one_line_not_a_hang(tmp_path, size):
+    from quietstar.evaluation.item_log import ItemLog
+
+    out = tmp_path / "report.json"
+    settings = {"seed": 1}
+    lines = [{"settings": settings}, {"item": {"question": "q0"}, "seconds": 0.1, "batch": size}]
+    partial_path(out).write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with pytest.raises(ValueError, match="not a partial evaluation .a batch size is not a positive integer"):
+        ItemLog(out, settings, ["q0", "q1"], resume=True)

@@ -102,6 +102,9 @@ class ItemLog:
         kept = 1
         while kept < len(records):
             size = records[kept].get("batch", 1)
+            if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+                raise ValueError(f"{self.path} is not a partial evaluation (a batch size is not a positive integer); "
+                                 "delete it to start again")
             if kept + size > len(records):
                 break
             kept += size
