@@ -83,3 +83,27 @@ def test_stop_strings_and_seeded_sampling():
     draws = [generate(model, batch["input_ids"], batch["attention_mask"], NEW, temperature=1.0,
                       generator=torch.Generator().manual_seed(s)).tokens for s in (1, 1, 2)]
     assert draws[0] == draws[1] and draws[0] != draws[2]
+
+
+def test_a_sliding_window_shorter_than_the_sequence_is_kept_by_the_buffer_cache():
+    """Gemma 3's local layer with a 4-token window: the in-place buffers hold every key and the mask limits the
+    window, so generation still equals the per-example re-runs."""
+    torch.manual_seed(0)
+    model = CoconutModel(tiny_lm("gemma3_text", vocab_size=len(WORDS), sliding_window=4), tiny_tokenizer(),
+                         CoconutConfig(c=1, max_latent_stage=3)).eval()
+    rows = prompts(model)
+    batch = collate_prompts(rows, pad_id=0)
+    out = generate(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=NEW)
+    for row, prompt in zip(out.tokens, rows):
+        assert row == rerun_decoding(model, prompt, NEW)
+
+
+def test_the_buffer_cache_refuses_more_positions_than_it_holds():
+    from quietstar.core.kv_buffer import BufferCache
+
+    cache = BufferCache(num_layers=1, max_length=3)
+    keys = torch.zeros(1, 2, 2, 4)
+    cache.update(keys, keys, 0)
+    assert cache.get_seq_length() == 2
+    with pytest.raises(ValueError, match="4 positions do not fit the 3 allocated"):
+        cache.update(keys, keys, 0)

@@ -7,9 +7,9 @@ Batched: prompts are left-padded (``curriculum.collate_prompts``), so the latent
 every row sit in the same columns and each decoding step appends one column for all
 rows. A row stops at EOS, at a stop string or at ``max_new_tokens``; finished rows
 keep feeding EOS until every row has stopped. The latent passes and every decoding
-step run on one ``DynamicCache``: the prompt is forwarded once, and each new token
-costs one single-position forward (the official code re-runs the whole sequence for
-each token, one example at a time).
+step run on one ``core.kv_buffer.BufferCache`` (keys written in place, none re-copied per
+token): the prompt is forwarded once, and each new token costs one single-position forward
+(the official code re-runs the whole sequence for each token, one example at a time).
 """
 
 from __future__ import annotations
@@ -17,10 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
-
 from quietstar.coconut.markers import LATENT
 from quietstar.coconut.model import CoconutModel
+from quietstar.core.kv_buffer import BufferCache
 
 
 @dataclass
@@ -51,7 +50,7 @@ def generate(
     ``temperature`` 0 takes the argmax; above 0 samples from the softmax at that temperature
     with ``generator``. A row also stops once its decoded text contains one of ``stop_strings``.
     """
-    cache = DynamicCache(config=model.lm.config)
+    cache = BufferCache(model.lm.config.get_text_config().num_hidden_layers, input_ids.shape[1] + max_new_tokens)
     hidden = model.hidden_states(input_ids, attention_mask, cache=cache)
     is_latent = input_ids == LATENT
     columns = is_latent.any(dim=0).nonzero().flatten()  # the shared latent columns (collate_prompts aligns them)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache, PreTrainedModel
+from transformers import Cache, DynamicCache, PreTrainedModel
 
 from quietstar.coconut.config import CoconutConfig
 from quietstar.coconut.markers import LATENT, CoconutMarkers
@@ -111,7 +111,7 @@ class CoconutModel(LatentReasoningModel):
         return self.markers(input_ids, self.lm.get_input_embeddings()(input_ids.clamp(min=0)))
 
     def hidden_states(
-        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor, cache: DynamicCache | None = None
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor, cache: Cache | None = None
     ) -> torch.Tensor:
         """Last hidden states [B, L, H] (after the final norm) with the latent columns fed back.
 
