@@ -111,7 +111,8 @@ def logged(out: Path) -> int:
 def kill_at(job: subprocess.Popen, out: Path, moment: str, rng: random.Random, step_s: float) -> str:
     """SIGKILL the whole job at ``moment``; what happened.
 
-    "random": during start-up (after 0-15 s) one time in three, else once 1-2 more steps are logged, plus up to
+    "random": during start-up (after 0-15 s, or at the first new step if that comes first) one time in three, else
+    once 1-2 more steps are logged, plus up to
     1.5 steps' time (``step_s``: one step of the uninterrupted run); "save": as soon as a save has begun (its
     ``step-N.partial`` directory exists).
     """
@@ -122,6 +123,8 @@ def kill_at(job: subprocess.Popen, out: Path, moment: str, rng: random.Random, s
         if moment == "save" and saving(out):
             break
         if moment == "random":
+            if extra == 0 and logged(out) > steps:  # start-up is over before the delay: kill at the first new step
+                break
             if reached is None and (extra == 0 or logged(out) >= steps + extra):
                 reached = time.monotonic()
             if reached is not None and time.monotonic() - reached >= delay:
