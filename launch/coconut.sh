@@ -17,6 +17,7 @@
 # With no recipe arguments, the embedded default runs: launch/configs/coconut_demo.yaml into runs/coconut-demo-<time>.
 #
 # This file is bash and Python at once (quietstar/training/launch_scripts.py says how): bash runs
-# the next line, the DeepSpeed launcher over this file; each rank's Python runs the recipe.
-''''exec bash "$(dirname "${BASH_SOURCE[0]}")/deepspeed_recipe.sh" "${BASH_SOURCE[0]}" "$@" # '''
+# the next line, the DeepSpeed launcher over this file (found through any symlink to it); each rank's
+# Python runs the recipe.
+''''exec bash "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/deepspeed_recipe.sh" "$(readlink -f "${BASH_SOURCE[0]}")" "$@" # '''
 from quietstar.training.launch_scripts import run; run(__file__)  # noqa: E702

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from quietstar.coconut import generate_cli as coconut_generate_cli
-from quietstar.core.cli_config import run_command
+from quietstar.core.cli_config import ArgumentParser, run_command, unrecognized
 from quietstar.evaluation import coconut as coconut_eval
 from quietstar.evaluation import coconut_analysis
 from quietstar.evaluation import lm_eval_cli, perplexity, zero_shot as zero_shot_eval
@@ -16,7 +15,7 @@ from quietstar.training import verify_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="quietstar", description="Latent-reasoning training for Hugging Face causal LMs: Quiet-STaR and Coconut")
+    parser = ArgumentParser(prog="quietstar", description="Latent-reasoning training for Hugging Face causal LMs: Quiet-STaR and Coconut")
     commands = parser.add_subparsers(dest="command", required=True)
     demo.add_arguments(commands.add_parser("demo", help="show the thought sampled after each token of a sentence"))
     generate_cli.add_arguments(commands.add_parser("generate", help="complete prompts, thinking before each token"))
@@ -35,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "lm-eval":
         args.lm_eval_args = passthrough
     elif passthrough:
-        parser.error(f"unrecognized arguments: {' '.join(passthrough)}")
+        command = commands.choices[args.command]
+        command.error(unrecognized(command, passthrough))
     runners = {"demo": demo.run, "generate": generate_cli.run, "eval": zero_shot_eval.run, "perplexity": perplexity.run,
                "coconut-generate": coconut_generate_cli.run, "coconut-eval": coconut_eval.run,
                "coconut-analyze": coconut_analysis.run, "verify-checkpoint": verify_checkpoint.run, "lm-eval": lm_eval_cli.run, "testbed": testbed_cli.run}

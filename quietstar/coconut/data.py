@@ -18,7 +18,6 @@ CLI:
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
@@ -26,6 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from quietstar.core.cli_config import ArgumentParser
 from quietstar.core.files import input_file, json_lines
 
 PROG = "quietstar.coconut.data"
@@ -133,7 +133,7 @@ def answers_match(predicted: str, gold: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: ``convert-gsm8k IN.jsonl OUT.jsonl`` writes the Coconut format of a raw GSM8K file and prints counts."""
-    parser = argparse.ArgumentParser(prog=PROG, description="Coconut data: convert GSM8K to {question, steps, answer} jsonl.")
+    parser = ArgumentParser(prog=PROG, description="Coconut data: convert GSM8K to {question, steps, answer} jsonl.")
     sub = parser.add_subparsers(dest="command", required=True)
     convert = sub.add_parser("convert-gsm8k", help="extract the <<...>> steps and the #### answer of a raw GSM8K jsonl file")
     convert.add_argument("input", help="raw GSM8K jsonl ({question, answer})")

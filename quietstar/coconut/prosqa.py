@@ -56,7 +56,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from quietstar.core.cli_config import is_int, is_number, require
+from quietstar.core.cli_config import ArgumentParser, is_int, is_number, require
 
 PROG = "quietstar.coconut.prosqa"
 
@@ -337,7 +337,7 @@ def _table(columns: dict[str, dict[str, float]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: ``generate --n N --seed S --out FILE [--set NAME=VALUE ...]`` and ``stats FILE... [--tokenizer PATH]``."""
-    parser = argparse.ArgumentParser(prog=PROG, description="Generate ProsQA-style data and compare its statistics.")
+    parser = ArgumentParser(prog=PROG, description="Generate ProsQA-style data and compare its statistics.")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="write N generated items as jsonl")
     gen.add_argument("--n", type=int, required=True, help="number of items")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import difflib
 import logging
 import types
 import typing
@@ -18,6 +19,8 @@ import sys
 from typing import Any, Callable, Iterator, TypeVar
 
 import yaml
+
+from quietstar.core import run_lock
 
 C = TypeVar("C")
 
@@ -67,6 +70,47 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, title: s
             group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             group.add_argument(flag, dest=field.name, type=hint, default=None, metavar=hint.__name__.upper(), help=help_text)
+
+
+# Flags people type from other tools, and the flag of ours that means the same (used only where the parser has it)
+FLAG_SYNONYMS = {"--learning-rate": "--lr", "--num-train-epochs": "--num-epochs", "--batch-size": "--micro-batch-size",
+                 "--per-device-train-batch-size": "--micro-batch-size", "--gradient-accumulation-steps": "--grad-accum-steps"}
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, with its errors in one line (``<prog>: error: <message>``, exit code 2; the usage is
+    left to ``--help``), and an unknown flag answered with the closest real one (``closest_flag``)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see --help\n")
+
+    def parse_args(self, args=None, namespace=None) -> argparse.Namespace:
+        """argparse's ``parse_args``, with the message of ``unrecognized`` for arguments it does not know."""
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            self.error(unrecognized(self, unknown))
+        return parsed
+
+
+def closest_flag(flag: str, known: list[str]) -> str | None:
+    """The flag of ``known`` that ``flag`` was probably meant to be: the same with hyphens for underscores
+    (``--max_steps``), its synonym (``--learning-rate``: ``--lr``), or the nearest by spelling; None if none is near."""
+    name = flag.split("=", 1)[0].replace("_", "-")
+    if name in known:
+        return name
+    if FLAG_SYNONYMS.get(name) in known:
+        return FLAG_SYNONYMS[name]
+    close = difflib.get_close_matches(name, [k for k in known if k.startswith("--")], n=1, cutoff=0.7)
+    return close[0] if close else None
+
+
+def unrecognized(parser: argparse.ArgumentParser, extras: list[str]) -> str:
+    """The error for arguments ``parser`` does not know: each named, the first unknown flag with the closest real one."""
+    known = [option for action in parser._actions for option in action.option_strings if action.help != argparse.SUPPRESS]
+    flags = [arg for arg in extras if arg.startswith("-")]
+    message = f"unrecognized argument{'s' if len(extras) > 1 else ''} {' '.join(extras)}"
+    suggestion = closest_flag(flags[0], known) if flags else None
+    return message + (f" ({flags[0]}: did you mean {suggestion}?)" if suggestion else "")
 
 
 def load_yaml(path: str | Path | None) -> dict[str, Any]:
@@ -143,12 +187,18 @@ def deepspeed_cpu_notice_hidden() -> Iterator[None]:
 
 def run_command(name: str, run: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> int:
     """Run an entry point: 0 on success (or the exit status ``run`` returns, when it returns an int); a bad input
-    or config prints ``quietstar <name>: error: ...`` and gives 2. DeepSpeed's notice that it found no GPU is not
-    printed (``deepspeed_cpu_notice_hidden``)."""
+    or config prints ``quietstar <name>: error: ...`` and gives 2; Ctrl-C prints ``quietstar <name>: interrupted``
+    and gives 130, as a shell does. DeepSpeed's notice that it found no GPU is not printed
+    (``deepspeed_cpu_notice_hidden``). The output locks the command took (``run_lock``) go when it ends."""
     try:
         with deepspeed_cpu_notice_hidden():
             result = run(args)
     except (OSError, ValueError, RunError) as error:
         print(f"quietstar {name}: error: {one_line(error)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"quietstar {name}: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        run_lock.release_held()
     return result if isinstance(result, int) and not isinstance(result, bool) else 0

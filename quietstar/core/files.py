@@ -1,12 +1,16 @@
-"""Reading the input files every entry point is given: the checks before reading, and jsonl lines.
+"""The files every entry point reads and writes: the checks before reading, jsonl lines, and whole writes.
 
 Each bad file fails in one line that names the file and what is wrong with it, so that
-``run_command`` and ``run_recipe`` can show it as it is.
+``run_command`` and ``run_recipe`` can show it as it is. Reports and run summaries are written
+whole or not at all (``written_whole``): a kill, Ctrl-C or a full disk while one is written leaves
+the previous version as it was.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -49,3 +53,34 @@ def json_lines(path: Path) -> Iterator[tuple[int, Any, str | None]]:
                     yield number, json.loads(line), None
                 except json.JSONDecodeError as error:
                     yield number, None, f"not valid JSON ({error.msg} at column {error.colno})"
+
+
+@contextlib.contextmanager
+def written_whole(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write to. When the block ends, the file is synced to disk and renamed
+    over ``path`` (atomic on one file system); when it fails or is interrupted, the temporary file goes and
+    ``path`` is untouched."""
+    path = Path(path)
+    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield staging
+        with open(staging, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)
+
+
+def write_text_whole(path: str | Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` whole or not at all (``written_whole``)."""
+    with written_whole(path) as staging:
+        staging.write_text(text, encoding="utf-8")
+
+
+def not_an_input(output: str | Path, flag: str, inputs: dict[str, str | Path]) -> None:
+    """Refuse an ``output`` that is one of the ``inputs`` (flag -> path), e.g. ``--output`` given the data file's
+    name, which the report would overwrite."""
+    for name, path in inputs.items():
+        if Path(output).resolve() == Path(path).resolve():
+            raise FileExistsError(f"{flag} {output} is the {name} file, which the report would overwrite; "
+                                  "give the report another name")

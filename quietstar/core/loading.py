@@ -32,13 +32,32 @@ def load_tokenizer(model_class: type[LatentReasoningModel], name: str):
 
 
 def _check_model_dir(name: str, path: str) -> None:
-    """A local directory must hold ``config.json`` and a tokenizer (a hub id is checked by transformers)."""
+    """A local directory must hold ``config.json`` and a tokenizer (a hub id is checked by transformers). A part
+    of a training run (a checkpoint, its ``checkpoints``, the run's directory) is named, with the model to pass."""
     if Path(path).is_dir():
-        if not (Path(path) / "config.json").is_file():
+        has_config = (Path(path) / "config.json").is_file()
+        has_tokenizer = any((Path(path) / file).is_file() for file in TOKENIZER_FILES)
+        if not (has_config and has_tokenizer) and (message := _part_of_a_run(name, Path(path))):
+            raise FileNotFoundError(message)
+        if not has_config:
             raise FileNotFoundError(f"--model {name!r}: not a Hugging Face model directory (no config.json)")
-        if not any((Path(path) / file).is_file() for file in TOKENIZER_FILES):
+        if not has_tokenizer:
             raise FileNotFoundError(f"--model {name!r}: the directory has no tokenizer ({', '.join(TOKENIZER_FILES)}); "
                                     "save one there with tokenizer.save_pretrained")
+
+
+def _part_of_a_run(name: str, path: Path) -> str | None:
+    """The message for a piece of a training run given as ``--model``: what it is and the model to pass instead."""
+    from quietstar.training.checkpoints import part_of_a_run  # the run's layout is defined there
+
+    found = part_of_a_run(path)
+    if found is None:
+        return None
+    what, run = found
+    models = [str(run / target) for target in ("final", "best") if (run / target / "config.json").is_file()]
+    instead = (f"pass {' or '.join(models)}" if models
+               else f"the run writes its model to {run / 'final'} when it ends (continue it with --resume)")
+    return f"--model {name!r} is {what}; {instead}"
 
 
 def load_base(name: str, dtype: torch.dtype = torch.float32):

@@ -39,8 +39,9 @@ from quietstar.coconut.data import Example, answer_of, answers_match, gsm8k_exam
 from quietstar.coconut.generation import generate as coconut_generate
 from quietstar.coconut.markers import LATENT, PAUSE
 from quietstar.coconut.model import CoconutModel
-from quietstar.core.cli_config import run_command
-from quietstar.core.files import input_file, json_lines
+from quietstar.core import run_lock
+from quietstar.core.cli_config import ArgumentParser, run_command
+from quietstar.core.files import input_file, json_lines, not_an_input, write_text_whole
 from quietstar.core.loading import is_saved, load_base
 from quietstar.core.offline import SMOLLM2, locate_model
 from quietstar.evaluation.item_log import ItemLog
@@ -147,7 +148,11 @@ def run(args: argparse.Namespace) -> dict:
     examples = read_task(args.data_file, args.task)[: args.limit]  # before the model loads
     settings = {"model": args.model, "task": args.task, "data_file": str(args.data_file), "latents": args.latents,
                 "cot": args.cot, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens}
-    log = ItemLog(Path(args.output), settings, [e.question for e in examples], args.resume) if args.output else None
+    log = None
+    if args.output:  # before the model loads
+        not_an_input(args.output, "--output", {"--data-file": args.data_file})
+        run_lock.hold_file(Path(args.output))
+        log = ItemLog(Path(args.output), settings, [e.question for e in examples], args.resume)
     model, method, config = load_for_eval(args.model, args.latents, args.cot)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
@@ -168,15 +173,14 @@ def run(args: argparse.Namespace) -> dict:
           f"| {report['task']} | {args.model} | {method} | {config.mode} | {report['n']} | {report['accuracy']:.3f} | "
           f"{report['mean_generated_tokens']:.1f} | {seconds:.1f} |")
     if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+        write_text_whole(args.output, json.dumps(report, indent=2) + "\n")
         log.close()
         print(f"wrote {args.output}")
     return report
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m quietstar.evaluation.coconut", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m quietstar.evaluation.coconut", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     return run_command("coconut-eval", run, parser.parse_args(argv))
 

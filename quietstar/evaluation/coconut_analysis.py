@@ -41,8 +41,9 @@ from transformers import DynamicCache
 from quietstar.coconut.config import CoconutConfig
 from quietstar.coconut.curriculum import collate_prompts, encode, inference_prompt
 from quietstar.coconut.data import Example
-from quietstar.core.cli_config import run_command
-from quietstar.core.files import input_file, json_lines
+from quietstar.core import run_lock
+from quietstar.core.cli_config import ArgumentParser, run_command
+from quietstar.core.files import input_file, json_lines, write_text_whole
 from quietstar.evaluation.coconut import evaluate, load_for_eval
 from quietstar.evaluation.prosqa_paths import PATH_CLASSES, Graph, classify_path
 
@@ -239,7 +240,7 @@ def write_html(items: list[dict], paths: dict[int, list[dict]], values: dict[int
                                 for k in sorted(values))
                 parts.append(f"<tr><td>{e(graph.names[n])}</td>{cells}</tr>")
             parts.append("</table><p><small>shaded: the frontier after that thought</small></p>")
-    (out_dir / "index.html").write_text("\n".join(parts) + "\n")
+    write_text_whole(out_dir / "index.html", "\n".join(parts) + "\n")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -259,6 +260,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.max_thoughts is not None and args.max_thoughts < 0:
         raise ValueError(f"--max-thoughts must be >= 0, got {args.max_thoughts}")
     items = read_prosqa(args.data_file)[: args.limit]  # before the model loads
+    run_lock.hold_directory(Path(args.output_dir))
     model, method, config = load_for_eval(args.model, None, cot=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
@@ -282,7 +284,7 @@ def run(args: argparse.Namespace) -> dict:
                          "paths": {k: paths[k][i] for k in paths},
                          "node_values": {k: {Graph.of_item(item).names[n]: v for n, v in values[k][i].items()} for k in values}}
                         for i, item in enumerate(items)]}
-    (out_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    write_text_whole(out_dir / "report.json", json.dumps(report, indent=1) + "\n")
     print(f"\n| k | accuracy | " + " | ".join(c.replace("_", " ") for c in PATH_CLASSES) + " | frontier value | other value |")
     print("|" + " --- |" * (len(PATH_CLASSES) + 4))
     for k in paths:
@@ -295,7 +297,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="quietstar coconut-analyze", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="quietstar coconut-analyze", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     return run_command("coconut-analyze", run, parser.parse_args(argv))
 

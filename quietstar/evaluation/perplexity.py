@@ -50,8 +50,10 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from quietstar.core.cli_config import add_dataclass_arguments, build_config, is_int, load_yaml, require, run_command
-from quietstar.core.files import input_file
+from quietstar.core import run_lock
+from quietstar.core.cli_config import (ArgumentParser, add_dataclass_arguments, build_config, is_int, load_yaml, require,
+                                       run_command)
+from quietstar.core.files import input_file, write_text_whole
 from quietstar.core.loading import load_model
 from quietstar.core.offline import SMOLLM2
 from quietstar.core.text_data import jsonl_records, pad_rows
@@ -273,7 +275,7 @@ def summary(base: torch.Tensor, talk: torch.Tensor, shuffled: torch.Tensor) -> d
 
 
 def write_report(path: Path, report: dict[str, Any]) -> None:
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    write_text_whole(path, json.dumps(report, indent=2) + "\n")
 
 
 @dataclass(frozen=True)
@@ -372,6 +374,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     config = build_config(ReportConfig, values, args)
     quiet_star = build_config(QuietStarConfig, values, args)
     started = time.perf_counter()
+    run_lock.hold_directory(Path(config.output_dir))  # before anything loads: an output in use, or a file, is refused at once
     texts = read_documents(Path(config.data_file), config.text_field, config.max_documents)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device
     model = load_model(QuietStarModel, config.model, quiet_star).eval().to(device)
@@ -398,7 +401,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m quietstar.evaluation.perplexity", description="perplexity report with and without thoughts on held-out text"
     )
     add_arguments(parser)

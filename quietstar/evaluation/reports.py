@@ -18,6 +18,8 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from quietstar.core.files import write_text_whole, written_whole
+
 
 @dataclass
 class Window:
@@ -73,7 +75,8 @@ def write_png(path: Path, bins: list[dict[str, Any]], title: str) -> None:
     ax.set_ylabel("mean improvement: base - talk NLL (nats)")
     ax.set_title(title)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    with written_whole(path) as staging:
+        figure.savefig(staging, dpi=120, format="png")
 
 
 HTML_STYLE = """
@@ -179,4 +182,4 @@ def write_html(
         f'<div class="legend">{legend}</div>\n{note}\n'
         f'<div class="text">{html_tokens(windows, scores, tokenizer, cap, scale)}</div>\n</body>\n</html>\n'
     )
-    path.write_text(page, encoding="utf-8")
+    write_text_whole(path, page)

@@ -47,7 +47,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from quietstar.core.cli_config import add_dataclass_arguments, build_config, is_int, is_number, load_yaml, require, run_command
+from quietstar.core import run_lock
+from quietstar.core.cli_config import (ArgumentParser, add_dataclass_arguments, build_config, is_int, is_number, load_yaml,
+                                       require, run_command)
+from quietstar.core.files import not_an_input, write_text_whole
 from quietstar.core.loading import load_model
 from quietstar.core.offline import SMOLLM2
 from quietstar.core.text_data import pad_rows
@@ -387,7 +390,9 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError("--resume continues from the items kept beside --output; give --output")
     items = load_items(config.task, config.data_file, config.limit)
     log = None
-    if config.output:  # before the model loads: a rerun over kept items is refused at once
+    if config.output:  # before the model loads: a rerun over kept items, or a report in use, is refused at once
+        not_an_input(config.output, "--output", {"--data-file": config.data_file})
+        run_lock.hold_file(Path(config.output))
         settings = {**{k: v for k, v in dataclasses.asdict(config).items() if k != "output"}, **dataclasses.asdict(quiet_star)}
         log = ItemLog(Path(config.output), settings, [items[i].question for i in evaluation_order(items)], args.resume)
     model = load_model(QuietStarModel, config.model, quiet_star).eval()
@@ -398,17 +403,14 @@ def run(args: argparse.Namespace) -> dict:
     print(format_table(report))
     if config.output:
         path = Path(config.output)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
-        partial.write_text(json.dumps(report, indent=1) + "\n")
-        partial.replace(path)
+        write_text_whole(path, json.dumps(report, indent=1) + "\n")
         log.close()
         print(f"report: {path}")
     return report
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m quietstar.evaluation.zero_shot", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m quietstar.evaluation.zero_shot", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     return run_command("eval", run, parser.parse_args(argv))
 

@@ -123,10 +123,14 @@ def problem(directory: Path, checksums: bool = False) -> str | None:
         return f"{manifest} is missing or unreadable"
     for name, size in files.items():
         path = directory / name
-        if not path.is_file():
+        try:
+            actual = path.stat().st_size if path.is_file() else None
+        except FileNotFoundError:  # deleted (by hand) while this looked
+            actual = None
+        if actual is None:
             return f"{path} is missing"
-        if path.stat().st_size != size:
-            return f"{path} is truncated ({path.stat().st_size} of {size} bytes)"
+        if actual != size:
+            return f"{path} is truncated ({actual} of {size} bytes)"
     for name, digest in digests.items():
         if (directory / name).is_file() and file_digest(directory / name) != digest:
             return f"{directory / name} is corrupted (its CRC-32 is not the one recorded when it was written)"
@@ -225,13 +229,22 @@ def disk_full(root: Path) -> str | None:
 
 
 def _prune(root: Path, keep: int) -> None:
-    """Delete all but the ``keep`` newest complete checkpoints (0 keeps all)."""
+    """Delete all but the ``keep`` newest complete checkpoints (0 keeps all).
+
+    Pruning never stops a run: a checkpoint someone deleted (or is deleting) by hand meanwhile is
+    passed over, and one that cannot be deleted stays, with a warning.
+    """
     if keep == 0:
         return
     best = latest_tag(root, BEST)
     for old in complete_tags(root)[:-keep]:
         if old != best:
-            shutil.rmtree(root / old)
+            try:
+                shutil.rmtree(root / old)
+            except FileNotFoundError:  # someone else is deleting it: what is left goes too
+                shutil.rmtree(root / old, ignore_errors=True)
+            except OSError as error:
+                warn(f"warning: could not delete the old checkpoint {root / old} ({one_line(error)}); it stays")
 
 
 def mark_best(root: Path, name: str) -> None:
@@ -269,6 +282,23 @@ def resume_tag(root: Path) -> str:
         return name
     details = "; ".join(([why] if (root / LATEST).exists() else []) + passed_over)
     raise RunError(f"--resume: no complete checkpoint in {root}" + (f" ({details})" if details else ""))
+
+
+def part_of_a_run(path: Path) -> tuple[str, Path] | None:
+    """When ``path`` is a piece of a training run's output rather than a model: (what it is, the run's output
+    directory); else None. For the message when one is given where a model is expected (``--model``)."""
+    if (path / MANIFEST).is_file() or (TAG.fullmatch(path.name.removesuffix(".partial")) and path.parent.name == "checkpoints"):
+        return "a training checkpoint (DeepSpeed's shards, not a model)", path.parent.parent
+    if path.name == "checkpoints" and ((path / LATEST).exists() or any(TAG.fullmatch(p.name) for p in path.glob("step-*"))):
+        return "a training run's checkpoints", path.parent
+    if (path / "checkpoints").is_dir():
+        return "a training run's output directory", path
+    return None
+
+
+def ranks_saved(directory: Path) -> int:
+    """How many ranks wrote checkpoint ``directory`` (one state file each)."""
+    return len(list(directory.glob("rank?????_state.pt")))
 
 
 def saved_state(root: Path, name: str) -> dict[str, Any]:

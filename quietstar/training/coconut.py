@@ -26,7 +26,7 @@ change: the weights, optimizer, LR schedule, data position and RNGs are restored
 resumed steps are those of an uninterrupted run.
 
 A step whose loss or gradient norm is not finite is skipped (``training.nonfinite``);
-SIGTERM or SIGUSR1 saves a checkpoint after the current step and exits
+SIGTERM, SIGUSR1, Ctrl-C (SIGINT) or a closed terminal (SIGHUP) saves a checkpoint after the current step and exits
 (``training.preemption``).
 """
 
@@ -51,6 +51,7 @@ from quietstar.coconut.data import Example, answer_of, answers_match, qa_example
 from quietstar.coconut.generation import generate
 from quietstar.coconut.model import CoconutModel
 from quietstar.core.cli_config import ConfigError
+from quietstar.core.files import write_text_whole
 from quietstar.training import checkpoints
 from quietstar.training.collectives import all_ranks_sum
 from quietstar.training.engine import (
@@ -276,7 +277,7 @@ def train(args: argparse.Namespace, method: CoconutConfig, data: CoconutDataConf
                     "checkpoint": str(ckpt_root / checkpoints.latest_tag(ckpt_root)), "final": str(final), "best": str(best_dir)},
     }
     if rank == 0:
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_text_whole(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         print_summary(summary)
     return summary
 

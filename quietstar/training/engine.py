@@ -5,7 +5,7 @@ bottom and calls these in order:
 
     rank, world, device = init_distributed(cfg.dist_timeout_s)
     cfg = shared_output_dir(cfg)                                 # "{time}" -> rank 0's start time
-    ds_config, tag = start_run(cfg, resume, device, world)     # no overwrite, the DeepSpeed JSON completed, the checkpoint
+    ds_config, tag = start_run(cfg, resume, device, world)     # the output's lock, no overwrite, DeepSpeed JSON, checkpoint
     model, load = load_for_training(model_class, cfg, method, ds_config)    # after fetch_base_model(name, device); ZeRO-3: partitioned
     saved = resume_state(ckpt_root, tag, world, run_identity(cfg, model.config))  # same ranks, model and method
     engine = initialize(model, cfg, ds_config, total_steps)      # AdamW groups + transformers LR schedule
@@ -36,8 +36,10 @@ from tqdm import tqdm
 from transformers import get_scheduler
 from transformers.integrations import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
-from quietstar.core.cli_config import (ConfigError, RunError, add_dataclass_arguments, build_config, deepspeed_cpu_notice_hidden,
-                                       load_yaml, one_line)
+from quietstar.core import run_lock
+from quietstar.core.cli_config import (ArgumentParser, ConfigError, RunError, add_dataclass_arguments, build_config,
+                                       deepspeed_cpu_notice_hidden, load_yaml, one_line)
+from quietstar.core.files import write_text_whole
 from quietstar.core.latent_model import LatentReasoningModel
 from quietstar.core.loading import load_model
 from quietstar.core.lora import add_lora, lora_config
@@ -55,7 +57,7 @@ def parse_recipe_args(prog: str, description: str, configs: tuple[type, ...], ar
 
     Each field is the class default, then the ``--config`` YAML's value, then the flag's when given.
     """
-    parser = argparse.ArgumentParser(prog=prog, description=f"{description} Flags override --config, which overrides the defaults.")
+    parser = ArgumentParser(prog=prog, description=f"{description} Flags override --config, which overrides the defaults.")
     parser.add_argument("--config", metavar="YAML", help="a YAML mapping of field: value for any of the fields below")
     parser.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoints/latest")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
@@ -69,13 +71,19 @@ def parse_recipe_args(prog: str, description: str, configs: tuple[type, ...], ar
 
 def run_recipe(name: str, main: Callable[[], Any]) -> int:
     """Run a recipe's ``main``: 0 on success; a bad input or config, or a run that cannot go on, prints
-    ``<name>: error: ...`` (one line) and gives 2. DeepSpeed's notice that it found no GPU is not printed."""
+    ``<name>: error: ...`` (one line) and gives 2. A Ctrl-C outside the training loop (which saves first:
+    ``preemption``), or a second one inside it, prints ``<name>: interrupted ...`` (rank 0) and gives 130.
+    DeepSpeed's notice that it found no GPU is not printed. The output directory's lock goes when the recipe ends."""
     try:
         with deepspeed_cpu_notice_hidden():  # DeepSpeed is first imported inside (init_distributed)
             main()
     except (OSError, ValueError, RunError) as error:
         tqdm.write(f"{name}: error: {one_line(error)}", file=sys.stderr)  # on a line of its own, below any progress bar
         return 2
+    except KeyboardInterrupt:
+        if os.environ.get("RANK", "0") == "0":
+            tqdm.write(f"{name}: interrupted; stopped without saving (checkpoints already complete are kept)", file=sys.stderr)
+        return 130
     except RuntimeError as error:
         if not lost_rank(error):
             raise
@@ -88,6 +96,7 @@ def run_recipe(name: str, main: Callable[[], Any]) -> int:
 
             deepspeed.comm.destroy_process_group()  # torch's group and DeepSpeed's references to it, so a next run can start
         release_shared_memory()
+        run_lock.release_held()
     return 0
 
 
@@ -156,11 +165,27 @@ def shared_output_dir(cfg: EngineConfig) -> EngineConfig:
     return dataclasses.replace(cfg, output_dir=chosen[0])
 
 
+def hold_output_dir(out_dir: Path) -> None:
+    """Rank 0 takes the output directory's lock (``run_lock``), creating it; when that fails (another run is
+    writing there, the path is a file or cannot be written), every rank stops with rank 0's line."""
+    problem: list[str | None] = [None]
+    if dist.get_rank() == 0:
+        try:
+            run_lock.hold_directory(out_dir, "--output-dir")
+        except OSError as error:
+            problem = [one_line(error)]
+    dist.broadcast_object_list(problem, src=0)
+    if problem[0] is not None:
+        raise RunError(problem[0])
+
+
 def start_run(cfg: EngineConfig, resume: bool, device: torch.device, world: int) -> tuple[dict[str, Any], str | None]:
     """(the completed DeepSpeed config, the checkpoint ``--resume`` continues from or None).
 
-    Refuses to overwrite a run that has checkpoints unless resuming, and to resume without one.
+    Takes the output directory (``hold_output_dir``); refuses to overwrite a run that has checkpoints unless
+    resuming, and to resume without one.
     """
+    hold_output_dir(Path(cfg.output_dir))
     ckpt_root = Path(cfg.output_dir) / "checkpoints"
     if not resume and checkpoints.any_saved(ckpt_root):
         raise ConfigError(f"output_dir: {cfg.output_dir} already has checkpoints; pass --resume or choose another --output-dir")
@@ -275,9 +300,12 @@ def resume_state(ckpt_root: Path, tag: str | None, world: int, identity: dict[st
     had as many ranks and the same ``run_identity``; a difference is refused with the fields named."""
     if tag is None:
         return None
+    written = checkpoints.ranks_saved(ckpt_root / tag)
+    if written != world:
+        raise ConfigError(f"--resume: {ckpt_root / tag} was written by {written} ranks, this run has {world}; each rank "
+                          f"resumes its own data position, so resume it with {written} ranks (the launcher's --num-gpus, "
+                          "or a hostfile's slots)")
     saved = checkpoints.saved_state(ckpt_root, tag)
-    if saved["world_size"] != world:
-        raise ConfigError(f"--resume: the checkpoint was written by {saved['world_size']} ranks, this run has {world}")
     before = saved.get("identity", identity)
     changed = [f"{group}.{name} (checkpoint {before[group].get(name)!r}, now {value!r})"
                for group, fields in identity.items() for name, value in fields.items()
@@ -291,7 +319,7 @@ def resume_state(ckpt_root: Path, tag: str | None, world: int, identity: dict[st
 def write_run_config(out_dir: Path, record: dict[str, Any]) -> None:
     """``<output-dir>/config.json``: every setting the run used."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    write_text_whole(out_dir / "config.json", json.dumps(record, indent=2, default=str) + "\n")
 
 
 class StepLog:

@@ -49,11 +49,13 @@ def uses_default(argv: list[str]) -> bool:
 
 
 def run(script: str, argv: list[str] | None = None) -> None:
-    """Run the recipe that ``script`` (``launch/<name>.sh``) stands for with ``argv`` (default ``sys.argv[1:]``); exits with its code."""
+    """Run the recipe that ``script`` (``launch/<name>.sh``, or a symlink to it) stands for with ``argv`` (default
+    ``sys.argv[1:]``); exits with its code."""
+    script = str(Path(script).resolve())
     name = Path(script).name.removesuffix(".sh")
     module_name, default_config, run_name = RECIPES[name]
     argv = sys.argv[1:] if argv is None else argv
     if uses_default(argv):
-        config = Path(script).resolve().parent / "configs" / default_config
+        config = Path(script).parent / "configs" / default_config
         argv = [*argv, "--config", str(config), "--output-dir", f"runs/{run_name}-{{time}}"]
     sys.exit(importlib.import_module(module_name).main(argv))

@@ -23,7 +23,7 @@ LR schedule, data position and every RNG are restored, so the resumed steps are 
 steps an uninterrupted run would have taken.
 
 A step whose loss or gradient norm is not finite is skipped (``training.nonfinite``);
-SIGTERM or SIGUSR1 saves a checkpoint after the current step and exits
+SIGTERM, SIGUSR1, Ctrl-C (SIGINT) or a closed terminal (SIGHUP) saves a checkpoint after the current step and exits
 (``training.preemption``).
 """
 
@@ -39,6 +39,7 @@ import torch
 from transformers import set_seed
 
 from quietstar.core.cli_config import ConfigError
+from quietstar.core.files import write_text_whole
 from quietstar.core.loading import load_tokenizer
 from quietstar.core.text_data import DataConfig, TokenStream, heldout_batches, load_documents, split_heldout
 from quietstar.evaluation.perplexity import heldout_nll
@@ -220,7 +221,7 @@ def train(args: argparse.Namespace, method: QuietStarConfig, data: DataConfig, c
         },
     }
     if rank == 0:
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_text_whole(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         print_summary(summary)
     return summary
 
