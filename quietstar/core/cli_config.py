@@ -12,11 +12,12 @@ import contextlib
 import dataclasses
 import difflib
 import logging
+import reprlib
 import types
 import typing
 from pathlib import Path
 import sys
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import yaml
 
@@ -33,11 +34,29 @@ class RunError(RuntimeError):
     """A run that cannot go on (bad data, a failed save, training that diverged): one line for the user, exit code 2."""
 
 
+class _ValueRepr(reprlib.Repr):
+    """The value in a ConfigError, cut to a bounded size: a YAML file's aliases can nest shared lists whose full
+    repr would run to gigabytes (nine levels of nine aliases: 9**9 items), and a hexadecimal integer reads at
+    any length but has no decimal repr past Python's 4300 digits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel, self.maxstring, self.maxlong, self.maxother = 3, 200, 200, 200
+
+    def repr_int(self, x: int, level: int) -> str:
+        if x.bit_length() > 4 * self.maxlong:  # far more digits than are shown: no need to write them all out
+            return f"<an integer of {len(hex(abs(x))) - 2} hexadecimal digits>"
+        return super().repr_int(x, level)
+
+
+_VALUE_REPR = _ValueRepr()
+
+
 def require(ok: bool, owner: object, field: str, rule: str) -> None:
-    """Raise a ConfigError naming ``owner.field`` when ``ok`` is false."""
+    """Raise a ConfigError naming ``owner.field`` when ``ok`` is false (with the value, its repr cut to a bounded size)."""
     if not ok:
         value = getattr(owner, field, None)
-        raise ConfigError(f"{type(owner).__name__}.{field}: {rule}, got {value!r}")
+        raise ConfigError(f"{type(owner).__name__}.{field}: {rule}, got {_VALUE_REPR.repr(value)}")
 
 
 def is_int(value: object) -> bool:
@@ -121,24 +140,36 @@ def load_yaml(path: str | Path | None) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark or error.context_mark
         where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
         raise ConfigError(f"{path}{where}: not valid YAML: {error.problem or error.context}") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
-        raise ConfigError(f"{path}: not valid YAML: {str(error).splitlines()[0]}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid YAML: nested deeper than Python's recursion limit") from None
+    # PyYAML's constructors raise plain errors for a scalar they cannot build: a date out of range (ValueError),
+    # an integer past Python's digit limit (ValueError), a malformed !!timestamp (AttributeError).
+    except (yaml.YAMLError, ValueError, TypeError, AttributeError) as error:
+        raise ConfigError(f"{path}: not valid YAML: {one_line(error)}") from None
+    if data is None:  # an empty file, or only comments
+        return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of field: value, got {type(data).__name__}")
     return data
 
 
+def key_list(keys: Iterable[object]) -> str:
+    """Mapping keys for a one-line message, sorted and comma-separated: a name as it is, any other key (a number,
+    a key with a space or a line break) as its repr."""
+    return ", ".join(sorted(key if isinstance(key, str) and key.isidentifier() else repr(key) for key in keys))
+
+
 def from_dict(cls: type[C], values: dict[str, Any]) -> C:
     """Build ``cls`` from a mapping, rejecting unknown keys by name."""
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
+    unknown = [key for key in values if key not in names]
     if unknown:
-        raise ConfigError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        raise ConfigError(f"{cls.__name__}: unknown field(s) {key_list(unknown)}; known: {key_list(names)}")
     return cls(**values)
 
 

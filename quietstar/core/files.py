@@ -1,4 +1,5 @@
-"""The files every entry point reads and writes: the checks before reading, jsonl lines, and whole writes.
+"""The files every entry point reads and writes: the checks before reading, whole UTF-8 text files, jsonl lines,
+and whole writes.
 
 Each bad file fails in one line that names the file and what is wrong with it, so that
 ``run_command`` and ``run_recipe`` can show it as it is. Reports and run summaries are written
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -35,11 +37,49 @@ def input_file(path: str | Path, what: str = "data file") -> Path:
     return path
 
 
+def read_utf8(path: Path) -> str:
+    """The text of a whole file, decoded as UTF-8 (a byte-order mark at its start dropped).
+
+    A file that is not UTF-8 raises ``ValueError``: ``<path>: not UTF-8 (byte 0x.. at offset N)``,
+    rather than reading as replacement characters.
+    """
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 (byte 0x{raw[error.start]:02x} at offset {error.start})") from None
+
+
+JSON_WHITESPACE = " \t\r\n"  # what JSON allows around a value; str.strip() would also take \x0c, \x1c, NBSP...
+# A \uXXXX escape of a UTF-16 surrogate: in a pair it is one character, alone it is a string no UTF-8 can hold.
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")
+
+
+def _lone_surrogate(value: Any) -> str | None:
+    """The first lone surrogate in a parsed JSON value's strings (keys included), or None."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            found = next((c for c in item if "\ud800" <= c <= "\udfff"), None)
+            if found is not None:
+                return found
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return None
+
+
 def json_lines(path: Path) -> Iterator[tuple[int, Any, str | None]]:
     """Each non-blank line of a jsonl file as (line number, parsed value, problem).
 
     ``problem`` is None for a line that parses, else it starts with "not UTF-8" or "not valid JSON"
-    and says where (the value is then None).
+    and says where (the value is then None). A line holding only JSON whitespace (spaces, tabs,
+    carriage returns) is blank; any other character, a form feed say, makes a line that is not
+    JSON. A string escape of half a surrogate pair (``"\\ud800"``) is not UTF-8; an integer past
+    Python's digit limit or nesting past its recursion limit is not valid JSON.
     """
     with path.open("rb") as f:
         for number, raw in enumerate(f, start=1):
@@ -48,11 +88,24 @@ def json_lines(path: Path) -> Iterator[tuple[int, Any, str | None]]:
             except UnicodeDecodeError as error:
                 yield number, None, f"not UTF-8 (byte 0x{raw[error.start]:02x} at column {error.start + 1})"
                 continue
-            if line.strip():
-                try:
-                    yield number, json.loads(line), None
-                except json.JSONDecodeError as error:
-                    yield number, None, f"not valid JSON ({error.msg} at column {error.colno})"
+            if line.strip(JSON_WHITESPACE):
+                yield number, *_parse_line(line)
+
+
+def _parse_line(line: str) -> tuple[Any, str | None]:
+    """(value, None) for a line of JSON, else (None, why it is not one)."""
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as error:
+        return None, f"not valid JSON ({error.msg} at column {error.colno})"
+    except ValueError as error:  # an integer of more digits than int() reads (sys.get_int_max_str_digits)
+        return None, f"not valid JSON ({str(error).split(';')[0]})"
+    except RecursionError:
+        return None, "not valid JSON (nested deeper than Python's recursion limit)"
+    surrogate = _lone_surrogate(value) if SURROGATE_ESCAPE.search(line) else None
+    if surrogate is not None:
+        return None, f"not UTF-8 (a string holds the lone surrogate \\u{ord(surrogate):04x})"
+    return value, None
 
 
 @contextlib.contextmanager

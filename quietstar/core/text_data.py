@@ -17,11 +17,12 @@ holds the exact position (epoch, document, leftover tokens), so a resumed run
 yields the same sequences as an uninterrupted one.
 
 Records that are malformed (not UTF-8, not JSON, not an object, no string text
-field), empty, or too short are skipped and counted in ``TokenStream.stats``; they
-never stop a run. What cannot work fails at start-up, the same on every rank, with a
-one-line error: a missing, unreadable or directory path, an unreachable/unknown
-dataset, a parquet file or hub dataset without the text column, local files without
-one usable document, held-out documents that leave none to train on
+field; a ``.txt`` file that is not UTF-8), empty, or too short are skipped and
+counted in ``TokenStream.stats``; they never stop a run. What cannot work fails at
+start-up, the same on every rank, with a one-line error: a missing, unreadable or
+directory path, an unreachable/unknown dataset, a parquet file that is damaged or
+not parquet, a parquet file or hub dataset without the text column, local files
+without one usable document, held-out documents that leave none to train on
 (``split_heldout``), and training documents too few or too short for one sequence
 per rank (``TokenStream``).
 """
@@ -43,8 +44,8 @@ from datasets import Dataset, IterableDataset, load_dataset
 from datasets.distributed import split_dataset_by_node
 
 from quietstar.core import offline
-from quietstar.core.cli_config import is_int, require
-from quietstar.core.files import input_file, json_lines
+from quietstar.core.cli_config import is_int, one_line, require
+from quietstar.core.files import input_file, json_lines, read_utf8
 
 CHAMP = "champ"
 PACKING = ("pack", "crop")
@@ -81,6 +82,7 @@ class DataConfig:
         require(self.packing in PACKING, self, "packing", f"must be one of {', '.join(PACKING)}")
         require(is_int(self.min_tokens) and self.min_tokens >= 1, self, "min_tokens", "must be an integer >= 1")
         require(is_int(self.heldout_documents) and self.heldout_documents >= 0, self, "heldout_documents", "must be an integer >= 0")
+        require(isinstance(self.hub_split, str) and self.hub_split != "", self, "hub_split", "must be a non-empty string")
 
 
 @dataclass
@@ -128,8 +130,11 @@ def _local_paths(spec: str) -> list[Path] | None:
 def _read_local(paths: list[Path], text_field: str) -> Iterator[dict[str, Any]]:
     """Records of local files as ``{"text": str | None}``; None marks a malformed record."""
     for path in paths:
-        if path.suffix == ".txt":
-            yield {"text": path.read_text(errors="replace")}
+        if path.suffix == ".txt":  # one document; a file that is not UTF-8 is one malformed record
+            try:
+                yield {"text": read_utf8(path)}
+            except ValueError:
+                yield {"text": None}
         elif path.suffix == ".parquet":
             for value in _parquet_column(path, text_field):
                 yield {"text": value if isinstance(value, str) else None}
@@ -142,13 +147,13 @@ def _parquet_column(path: Path, text_field: str) -> list[Any]:
     """The values of column ``text_field`` of a parquet file; a file that is not parquet or lacks the column fails in one line."""
     try:
         parquet = pyarrow.parquet.ParquetFile(path)
-    except pyarrow.ArrowException as error:
-        reason = str(error).strip().splitlines()[0]
-        raise ValueError(f"DataConfig.dataset: {path} is not a readable parquet file ({reason})") from None
-    columns = parquet.schema_arrow.names
-    if text_field not in columns:
-        raise ValueError(f"DataConfig.text_field: {path} has no column {text_field!r}; its columns: {', '.join(columns)}")
-    return parquet.read(columns=[text_field]).column(text_field).to_pylist()
+        columns = parquet.schema_arrow.names
+        if text_field not in columns:
+            raise ValueError(f"DataConfig.text_field: {path} has no column {text_field!r}; its columns: {', '.join(columns)}")
+        return parquet.read(columns=[text_field]).column(text_field).to_pylist()
+    # a damaged file can fail at any of these steps, in the footer (OSError: "Couldn't deserialize thrift") or the pages
+    except (pyarrow.ArrowException, OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"DataConfig.dataset: {path} is not a readable parquet file ({one_line(error)})") from None
 
 
 def jsonl_records(path: Path, text_field: str) -> Iterator[tuple[int, str | None, str | None]]:

@@ -41,30 +41,21 @@ from transformers import DynamicCache
 from quietstar.coconut.config import CoconutConfig
 from quietstar.coconut.curriculum import collate_prompts, encode, inference_prompt
 from quietstar.coconut.data import Example
+from quietstar.coconut.prosqa import record_problem
 from quietstar.core import run_lock
 from quietstar.core.cli_config import ArgumentParser, run_command
 from quietstar.core.files import input_file, json_lines, write_text_whole
 from quietstar.evaluation.coconut import evaluate, load_for_eval
 from quietstar.evaluation.prosqa_paths import PATH_CLASSES, Graph, classify_path
 
-GRAPH_KEYS = ("question", "answer", "steps", "idx_to_symbol", "edges", "root", "target", "neg_target")
-
 
 def read_prosqa(path: str | Path) -> list[dict]:
-    """Every record of a ProsQA jsonl file, with its graph; the first malformed line fails, naming the file and line."""
+    """Every record of a ProsQA jsonl file, with its graph; the first malformed line (``prosqa.record_problem``) fails,
+    naming the file and line."""
     path = input_file(path, "ProsQA file")
     items = []
     for number, record, problem in json_lines(path):
-        if problem is None and not (isinstance(record, dict) and all(k in record for k in GRAPH_KEYS)):
-            problem = f"not a ProsQA record with its graph (keys {', '.join(GRAPH_KEYS)})"
-        if problem is None:
-            try:
-                graph = Graph.of_item(record)
-                nodes = range(len(graph.names))
-                if not all(n in nodes for n in (graph.root, graph.target, graph.neg_target)):
-                    problem = "root, target or neg_target is not a node"
-            except (TypeError, ValueError, IndexError):
-                problem = "edges must be [child, parent] pairs of node indices"
+        problem = problem or record_problem(record)
         if problem is not None:
             raise ValueError(f"{path} line {number}: {problem}")
         items.append(record)

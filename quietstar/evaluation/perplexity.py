@@ -53,7 +53,7 @@ from tqdm import tqdm
 from quietstar.core import run_lock
 from quietstar.core.cli_config import (ArgumentParser, add_dataclass_arguments, build_config, is_int, load_yaml, require,
                                        run_command)
-from quietstar.core.files import input_file, write_text_whole
+from quietstar.core.files import input_file, read_utf8, write_text_whole
 from quietstar.core.loading import load_model
 from quietstar.core.offline import SMOLLM2
 from quietstar.core.text_data import jsonl_records, pad_rows
@@ -137,14 +137,14 @@ def read_documents(path: Path, text_field: str, max_documents: int | None = None
     """The documents of a ``.txt`` file (the whole file) or a ``.jsonl`` file (``text_field`` of each object).
 
     Reads at most ``max_documents`` documents. A missing, unreadable or directory path, another
-    suffix, or a jsonl line that is not a UTF-8 JSON object with a string ``text_field`` is an
-    error naming the file (and line).
+    suffix, a ``.txt`` file that is not UTF-8, or a jsonl line that is not a UTF-8 JSON object with
+    a string ``text_field`` is an error naming the file (and line).
     """
     input_file(path)
     if path.suffix not in SUFFIXES:
         raise ValueError(f"{path}: unsupported data file type {path.suffix or '(none)'!r}; use {' or '.join(SUFFIXES)}")
     if path.suffix == ".txt":
-        return [path.read_text(errors="replace")][:max_documents]
+        return [read_utf8(path)][:max_documents]
     documents = []
     for number, text, problem in jsonl_records(path, text_field):
         if problem is not None:
@@ -318,8 +318,9 @@ class ReportConfig:
                 "max_documents", "must be an integer >= 1")
         require(is_int(self.html_tokens) and self.html_tokens >= 0, self, "html_tokens", "must be an integer >= 0")
         require(is_int(self.seed), self, "seed", "must be an integer")
-        require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), self, "device",
-                "must be auto, cpu, cuda or cuda:N")
+        require(isinstance(self.text_field, str) and self.text_field != "", self, "text_field", "must be a non-empty string")
+        require(isinstance(self.device, str) and (self.device in ("auto", "cpu") or self.device.startswith("cuda")), self,
+                "device", "must be auto, cpu, cuda or cuda:N")
 
 
 def build_report(config: ReportConfig, model, windows: list[Window], scores: TokenScores, seconds: float) -> dict[str, Any]:

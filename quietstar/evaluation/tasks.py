@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
@@ -64,13 +63,15 @@ def normalize_number(text: str) -> str | None:
 
 
 def _canonical(match: re.Match) -> str:
-    sign, integer, fraction = match.group(1), match.group(2).replace(",", ""), match.group(3) or ""
-    try:
-        value = Decimal(integer + fraction)
-    except InvalidOperation:  # pragma: no cover - the pattern only admits digits
-        return integer + fraction
-    text = format(value.normalize(), "f") if fraction else str(int(value))
-    return ("-" if sign and value != 0 else "") + text
+    """The number of a ``_NUMBER`` match as digits: no commas, no leading zeros, no trailing decimal zeros.
+
+    Done on the digits as text, so a number of any length keeps every digit (a ``Decimal`` rounds to
+    28 of them, and ``str(int)`` refuses more than 4300).
+    """
+    integer = match.group(2).replace(",", "").lstrip("0") or "0"
+    fraction = (match.group(3) or ".")[1:].rstrip("0")
+    text = f"{integer}.{fraction}" if fraction else integer
+    return ("-" if match.group(1) and text != "0" else "") + text
 
 
 def extract_number(text: str, chain_of_thought: bool = False) -> str | None:

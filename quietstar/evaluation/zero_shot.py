@@ -101,12 +101,17 @@ class EvalConfig:
     cot_max_new_tokens: int = 128
 
     def __post_init__(self) -> None:
+        require(isinstance(self.model, str) and self.model.strip() != "", self, "model", "must be a non-empty string")
         require(self.task in TASKS, self, "task", f"must be one of {', '.join(TASKS)}")
+        for name in ("data_file", "output"):
+            require(getattr(self, name) is None or (isinstance(getattr(self, name), str) and getattr(self, name).strip() != ""),
+                    self, name, "must be a non-empty string or null")
         require(self.limit is None or (is_int(self.limit) and self.limit >= 1), self, "limit", "must be an integer >= 1")
         require(is_int(self.batch_size) and self.batch_size >= 1, self, "batch_size", "must be an integer >= 1")
         require(is_int(self.thought_samples) and self.thought_samples >= 1, self, "thought_samples", "must be an integer >= 1")
         require(self.max_new_tokens is None or (is_int(self.max_new_tokens) and self.max_new_tokens >= 1), self,
                 "max_new_tokens", "must be an integer >= 1")
+        require(isinstance(self.greedy_thoughts, bool), self, "greedy_thoughts", "must be true or false")
         require(is_int(self.seed), self, "seed", "must be an integer")
         require(is_int(self.cot_samples) and self.cot_samples >= 0, self, "cot_samples", "must be an integer >= 0")
         require(is_number(self.cot_temperature) and self.cot_temperature > 0, self, "cot_temperature", "must be a number > 0")

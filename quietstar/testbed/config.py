@@ -29,7 +29,7 @@ def _name_list(text: str) -> tuple[str, ...]:
 class TestbedConfig:
     """Settings of the reasoning testbed (``quietstar testbed``).
 
-    List fields are comma-separated strings on the command line and in YAML ("0,1,2").
+    List fields are comma-separated strings on the command line and in YAML ("0,1,2"); one seed may be a number.
 
     Attributes:
         hops: k, the difficulty the table is about (the hardest): dependent assignments each problem chains.
@@ -116,6 +116,9 @@ class TestbedConfig:
             rows = _name_list(getattr(self, name))
             unknown = [r for r in rows if r not in known]
             require(not unknown, self, name, f"has unknown row(s) {', '.join(unknown)}; known: {', '.join(known)}")
+        if is_int(self.seeds):  # YAML reads "seeds: 7" as a number
+            object.__setattr__(self, "seeds", str(self.seeds))
+        require(isinstance(self.seeds, str), self, "seeds", "must be comma-separated integers")
         try:
             seeds = _int_list(self.seeds)
         except ValueError:

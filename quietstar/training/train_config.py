@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from quietstar.core.cli_config import ConfigError, is_int, is_number, require
+from quietstar.core.cli_config import ConfigError, is_int, is_number, key_list, one_line, require
 from quietstar.core.offline import SMOLLM2
 
 DS_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
@@ -186,9 +186,9 @@ class CoconutTrainConfig(EngineConfig):
 def check_yaml_keys(values: dict[str, Any], configs: tuple[type, ...]) -> None:
     """Every YAML key must name a field of one of the recipe's configs."""
     known = {f.name for cls in configs for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
+    unknown = [key for key in values if key not in known]
     if unknown:
-        raise ConfigError(f"config file: unknown field(s) {', '.join(unknown)}; run with --help for the list")
+        raise ConfigError(f"config file: unknown field(s) {key_list(unknown)}; run with --help for the list")
 
 
 def use_bf16(train: EngineConfig, device_type: str) -> bool:
@@ -216,11 +216,23 @@ def deepspeed_config(train: EngineConfig, device_type: str, world_size: int) -> 
     if not path.is_file():
         raise ConfigError(f"TrainConfig.deepspeed: file not found: {path}")
     try:
-        ds = json.loads(path.read_text())
+        ds = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise ConfigError(f"TrainConfig.deepspeed: {path} is not valid JSON ({error})") from None
+    except (ValueError, RecursionError) as error:  # not UTF-8, an integer past the digit limit, nesting past the recursion limit
+        raise ConfigError(f"TrainConfig.deepspeed: {path} is not valid JSON ({one_line(error)})") from None
     if not isinstance(ds, dict):
         raise ConfigError(f"TrainConfig.deepspeed: {path} must hold a JSON object")
+    for keys in (("fp16",), ("bf16",), ("optimizer",), ("optimizer", "params"), ("zero_optimization",),
+                 ("zero_optimization", "offload_optimizer")):
+        section = ds
+        for key in keys:
+            section = section.get(key, {})
+        if not isinstance(section, dict):
+            raise ConfigError(f"{path}: {'.'.join(keys)} must be a JSON object, got {type(section).__name__}")
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if not (is_int(stage) and 0 <= stage <= 3):
+        raise ConfigError(f"{path}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
     if ds.get("fp16", {}).get("enabled") not in (None, False):
         raise ConfigError(f"{path}: fp16 is not supported (its loss scaling is not needed with bf16); use bf16")
     if "scheduler" in ds:
