@@ -130,7 +130,8 @@ def test_a_second_run_or_evaluation_into_the_same_output_is_refused_while_the_fi
 
 
 def test_ctrl_c_saves_after_the_step_and_the_run_resumes_from_where_it_was_moved(fixture_dir, tmp_path, monkeypatch, capfd):
-    """Ctrl-C during step 1: the step finishes, a checkpoint is saved, the run says so and exits 0. The run's
+    """Ctrl-C during step 1: the step finishes, a checkpoint is saved, the run says so and exits 130 (so
+    ``train && eval`` stops there, as after any interrupted command). The run's
     directory is then moved (mv, a file manager) and resumed from its new path; nothing in it names the old one."""
     real_batches = TokenStream.batches
 
@@ -142,7 +143,7 @@ def test_ctrl_c_saves_after_the_step_and_the_run_resumes_from_where_it_was_moved
 
     monkeypatch.setattr(TokenStream, "batches", ctrl_c_in_step_1)
     first = tmp_path / "first"
-    assert pretrain.main(train_args(fixture_dir, first)) == 0
+    assert pretrain.main(train_args(fixture_dir, first)) == 130
     err = capfd.readouterr().err
     assert "Ctrl-C: finishing this step and saving a checkpoint" in err and "Traceback" not in err
     assert f"stopped by SIGINT after step 1; checkpoint {first / 'checkpoints' / 'step-000001'} saved" in err

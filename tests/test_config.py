@@ -96,3 +96,18 @@ def test_yaml_errors_are_one_line(tmp_path):
     (tmp_path / "latin1.yaml").write_bytes("model: caf\xe9\n".encode("latin-1"))
     with pytest.raises(ConfigError, match="latin1.yaml: not valid YAML"):
         load_yaml(tmp_path / "latin1.yaml")
+
+
+def test_a_home_directory_in_a_yaml_path_is_expanded_as_the_shell_expands_a_flag(tmp_path, monkeypatch):
+    from quietstar.coconut.config import CoconutDataConfig
+    from quietstar.training.train_config import TrainConfig
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    path = tmp_path / "run.yaml"
+    path.write_text("output_dir: ~/runs/a\nmodel: ~/models/m\nmarker_init_text: '~'\ntrain_file: ~/data/train.jsonl\n"
+                    "val_file: ~/data/valid.jsonl\n")
+    values = load_yaml(path)
+    train = build_config(TrainConfig, values)
+    assert train.output_dir == f"{tmp_path}/runs/a" and train.model == f"{tmp_path}/models/m"
+    assert build_config(QuietStarConfig, values).marker_init_text == "~"  # not a path: as written
+    assert build_config(CoconutDataConfig, values).train_file == f"{tmp_path}/data/train.jsonl"

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import difflib
 import logging
+import os
 import reprlib
 import types
 import typing
@@ -173,10 +174,21 @@ def from_dict(cls: type[C], values: dict[str, Any]) -> C:
     return cls(**values)
 
 
+PATH_FIELDS = ("model", "deepspeed", "dataset")  # besides every field named *_dir, *_file or *_path
+PATH_SUFFIXES = ("_dir", "_file", "_path")
+
+
+def home_expanded(name: str, value: Any) -> Any:
+    """A YAML value of a path field with ``~`` or ``~user`` at its start, expanded as the shell expands a flag's."""
+    is_path = name in PATH_FIELDS or name.endswith(PATH_SUFFIXES)
+    return os.path.expanduser(value) if is_path and isinstance(value, str) and value.startswith("~") else value
+
+
 def build_config(cls: type[C], yaml_values: dict[str, Any], args: argparse.Namespace | None = None) -> C:
-    """Defaults, then the YAML values that name a field of ``cls``, then the CLI flags that were given."""
+    """Defaults, then the YAML values that name a field of ``cls`` (a path field's ``~`` expanded), then the CLI
+    flags that were given."""
     names = {f.name for f in dataclasses.fields(cls)}
-    values = {k: v for k, v in yaml_values.items() if k in names}
+    values = {k: home_expanded(k, v) for k, v in yaml_values.items() if k in names}
     if args is not None:
         values.update({k: v for k, v in vars(args).items() if k in names and v is not None})
     return from_dict(cls, values)

@@ -70,13 +70,16 @@ def parse_recipe_args(prog: str, description: str, configs: tuple[type, ...], ar
 
 
 def run_recipe(name: str, main: Callable[[], Any]) -> int:
-    """Run a recipe's ``main``: 0 on success; a bad input or config, or a run that cannot go on, prints
-    ``<name>: error: ...`` (one line) and gives 2. A Ctrl-C outside the training loop (which saves first:
-    ``preemption``), or a second one inside it, prints ``<name>: interrupted ...`` (rank 0) and gives 130.
+    """Run a recipe's ``main``: 0 on success, or after a preemption signal saved and stopped it; a bad input or
+    config, or a run that cannot go on, prints ``<name>: error: ...`` (one line) and gives 2. Ctrl-C gives 130, as
+    an interrupted shell command does, so ``train && eval`` stops there: inside the training loop after the save
+    (``preemption``); outside it, or a second one inside it, without, printing ``<name>: interrupted ...`` (rank 0).
     DeepSpeed's notice that it found no GPU is not printed. The output directory's lock goes when the recipe ends."""
     try:
         with deepspeed_cpu_notice_hidden():  # DeepSpeed is first imported inside (init_distributed)
-            main()
+            result = main()
+        if isinstance(result, dict) and result.get("stopped_by") == "SIGINT":
+            return 130  # saved (the recipe said so); stopped by Ctrl-C all the same
     except (OSError, ValueError, RunError) as error:
         tqdm.write(f"{name}: error: {one_line(error)}", file=sys.stderr)  # on a line of its own, below any progress bar
         return 2
