@@ -15,8 +15,9 @@
 #   (DeepSpeed config)  DS_CONFIG     same as the recipe flag --deepspeed FILE
 # Every other argument goes to the recipe: `python -m quietstar.training.coconut --help` lists them.
 # With no recipe arguments, the embedded default runs: launch/configs/coconut_demo.yaml into runs/coconut-demo-<time>.
-# Any recipe argument leaves the embedded default for the library's defaults; to change
-# one setting of the embedded default, name its config too: --config launch/configs/coconut_demo.yaml --num-epochs 3
+# Any recipe argument leaves the embedded default for the library's defaults; to change one setting of the
+# embedded default, name its config too:
+#   bash launch/coconut.sh --config launch/configs/coconut_demo.yaml --num-epochs 3
 #
 # This file is bash and Python at once (quietstar/training/launch_scripts.py says how): bash runs
 # the next line, the DeepSpeed launcher over this file (found through any symlink to it); each rank's

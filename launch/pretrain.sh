@@ -15,8 +15,8 @@
 # Every other argument goes to the recipe: `python -m quietstar.training.pretrain --help` lists them.
 # With no recipe arguments, the embedded default runs: launch/configs/demo.yaml into runs/demo-<time>.
 # Any recipe argument leaves the embedded default for the library's defaults (sized for GPUs: on a CPU
-# they need about 17 GB per rank); to change
-# one setting of the embedded default, name its config too: --config launch/configs/demo.yaml --max-steps 5
+# they need about 17 GB per rank); to change one setting of the embedded default, name its config too:
+#   bash launch/pretrain.sh --config launch/configs/demo.yaml --max-steps 5
 #
 # This file is bash and Python at once (quietstar/training/launch_scripts.py says how): bash runs
 # the next line, the DeepSpeed launcher over this file (found through any symlink to it); each rank's
