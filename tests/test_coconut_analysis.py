@@ -12,7 +12,7 @@ from helpers import tiny_lm, tiny_tokenizer
 from quietstar.coconut.config import CoconutConfig
 from quietstar.coconut.curriculum import encode, inference_prompt
 from quietstar.coconut.model import CoconutModel
-from quietstar.evaluation.coconut_analysis import frontier_after, main, node_pieces, node_values, with_thoughts
+from quietstar.evaluation.coconut_analysis import decode_paths, frontier_after, main, node_pieces, node_values, with_thoughts
 from quietstar.evaluation.prosqa_paths import PATH_CLASSES, Graph
 
 NAMES = ["Tom", "Ann", "alpus", "bempus", "cirpus", "dumpus", "epus", "fempus", "gorpus", "xorpus"]
@@ -66,6 +66,16 @@ def test_node_values_equal_a_one_item_at_a_time_computation_batched_or_not(famil
         assert all(0 < sum(v.values()) <= 1 + 1e-6 for v in batched)  # probabilities of distinct names
 
 
+@pytest.mark.parametrize("mode", ["coconut", "pause_as_thought"])
+def test_partial_latent_paths_batched_equal_one_item_at_a_time(mode):
+    model = coconut_model("llama", mode)
+    for k in (0, 1, 2):
+        batched = decode_paths(model, "coconut", model.config, ITEMS, k, 3, 8, torch.device("cpu"))
+        single = [decode_paths(model, "coconut", model.config, [record], k, 1, 8, torch.device("cpu"))[0] for record in ITEMS]
+        assert batched == single
+        assert all(r["class"] in PATH_CLASSES for r in batched)
+
+
 def test_concepts_and_frontiers_follow_the_graph():
     graph = Graph.of_item(ITEMS[0])
     concepts, prefix, suffixes = node_pieces(tiny_tokenizer(VOCAB), ITEMS[0])
@@ -104,3 +114,20 @@ def test_a_record_without_its_graph_fails_in_one_line_naming_the_line(tmp_path, 
     assert main(["--model", str(tmp_path / "nowhere"), "--data-file", str(data), "--output-dir", str(tmp_path / "o")]) == 2
     error = capsys.readouterr().err.strip()
     assert error.count("\n") == 0 and "bad.jsonl line 2" in error and "graph" in error
+
+
+def test_a_cot_model_is_analysed_at_k_0_only(tmp_path):
+    """A model trained on written steps has no thoughts to stop after: its paths at k = 0, and no node values."""
+    model = coconut_model("gpt2", mode="cot")
+    model.save_pretrained(tmp_path / "model")
+    data = tmp_path / "prosqa.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ITEMS))
+    out = tmp_path / "report"
+    assert main(["--model", str(tmp_path / "model"), "--data-file", str(data), "--output-dir", str(out),
+                 "--max-new-tokens", "6"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["max_thoughts"] == 0 and list(report["summary"]["path_classes"]) == ["0"]
+    assert report["summary"]["value_mass"] == {} and all(i["node_values"] == {} for i in report["items"])
+    assert (out / "path_classes.png").stat().st_size > 0 and not (out / "frontier_values.png").exists()
+    assert main(["--model", str(tmp_path / "model"), "--data-file", str(data), "--output-dir", str(out),
+                 "--max-thoughts", "2"]) == 2

@@ -201,6 +201,22 @@ def test_read_examples_loads_generated_records_and_statistics_describe_them(tmp_
         prosqa.statistics([{"question": "q"}])
 
 
+def test_the_one_hop_shortcut_reads_which_option_another_person_is_directly():
+    #  Tom (root) -> alpus -> dumpus (target);  Ann -> xorpus (the distractor), or Ann -> dumpus, or Ann -> alpus
+    def record(ann_edges):
+        return {"question": "...", "steps": ["Tom is a alpus.", "Every alpus is a dumpus."], "root": 0, "target": 3,
+                "neg_target": 4, "idx_to_symbol": ["Tom", "Ann", "alpus", "dumpus", "xorpus"], "edges": [[0, 2], [2, 3]] + ann_edges}
+
+    assert prosqa.one_hop_shortcut(record([[1, 4]])) == 1.0  # only the distractor is one hop from another person
+    assert prosqa.one_hop_shortcut(record([[1, 3], [1, 4]])) == 0.5  # both: a guess
+    assert prosqa.one_hop_shortcut(record([[1, 2], [2, 4]])) == 0.5  # neither (xorpus is two hops from Ann)
+    assert prosqa.one_hop_shortcut(record([[1, 3], [1, 2], [2, 4]])) == 0.0  # only the target: the rule is wrong
+    assert prosqa.one_hop_shortcut({**record([[1, 4]]), "edges": [[0, 4], [0, 2], [2, 3], [1, 2]]}) == 0.5  # the root's own
+    records = [record([[1, 4]]), record([[1, 3], [1, 2], [2, 4]])]
+    assert prosqa.statistics(records)["one_hop_shortcut"] == 0.5
+    assert "one_hop_shortcut" not in prosqa.statistics([{k: v for k, v in records[0].items() if k != "neg_target"}])
+
+
 def test_prosqa_cli_generates_and_prints_stats(tmp_path, capsys):
     out = tmp_path / "gen.jsonl"
     assert prosqa.main(["generate", "--n", "5", "--seed", "3", "--out", str(out), "--set", "n_nodes=24"]) == 0

@@ -267,13 +267,25 @@ def shortest_path(record: dict) -> int:
     return dist[record["target"]]
 
 
+def one_hop_shortcut(record: dict) -> float:
+    """The credit of a rule that answers without any search: the option that another person (a node with no
+    parents, not the root) is directly ("Paul is a pedpus.") is the distractor. 1 when only the distractor is
+    one hop from another person, 0 when only the target is, 0.5 (a guess) otherwise."""
+    parents = {child_parent[1] for child_parent in record["edges"]}
+    others = {a for a, _ in record["edges"] if a not in parents and a != record["root"]}
+    near = [any(a in others and b == option for a, b in record["edges"]) for option in (record["target"], record["neg_target"])]
+    return 0.5 if near[0] == near[1] else float(near[1])
+
+
 def statistics(records: Sequence[dict], tokenizer: Any = None) -> dict[str, float]:
     """Mean size and difficulty of ProsQA records.
 
-    Returns {items, nodes, edges, shortest_path, steps, question_words[, question_tokens]}:
+    Returns {items, nodes, edges, shortest_path, steps, question_words[, question_tokens][, one_hop_shortcut]}:
     the number of records, then means per record of ``len(idx_to_symbol)``, ``len(edges)``,
     the root-target shortest path, ``len(steps)``, the question's whitespace words and, with
-    ``tokenizer`` (anything with ``encode(str) -> list``, e.g. a Hugging Face tokenizer), its tokens.
+    ``tokenizer`` (anything with ``encode(str) -> list``, e.g. a Hugging Face tokenizer), its tokens; with
+    every record's ``neg_target``, the accuracy of ``one_hop_shortcut``, a rule that needs no search (chance 0.5):
+    a model can reach it without reasoning.
     """
     if not records:
         raise ValueError("no records to describe")
@@ -293,6 +305,8 @@ def statistics(records: Sequence[dict], tokenizer: Any = None) -> dict[str, floa
     }
     if tokenizer is not None:
         stats["question_tokens"] = sum(len(tokenizer.encode(r["question"])) for r in records) / n
+    if all("neg_target" in r for r in records):
+        stats["one_hop_shortcut"] = sum(one_hop_shortcut(r) for r in records) / n
     return stats
 
 
@@ -380,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--out", "--output", dest="out", required=True, help="jsonl file to write")
     gen.add_argument("--set", dest="settings", type=_setting_value, action="append", default=[], metavar="NAME=VALUE",
                      help="a generator setting (see Settings), e.g. --set n_nodes=28; repeatable")
-    stats = sub.add_parser("stats", help="print mean nodes, edges, path length, steps and question length per file")
+    stats = sub.add_parser("stats", help="print mean nodes, edges, path length, steps, question length and a no-search rule's accuracy per file")
     stats.add_argument("files", nargs="+", help="ProsQA jsonl files")
     stats.add_argument("--tokenizer", help="a local Hugging Face tokenizer directory, to count question tokens too")
     args = parser.parse_args(argv)

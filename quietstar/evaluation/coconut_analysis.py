@@ -258,6 +258,9 @@ def run(args: argparse.Namespace) -> dict:
     if model.tokenizer.pad_token_id is None:
         model.tokenizer.pad_token = model.tokenizer.eos_token
     thinks = method == "coconut" and config.mode in ("coconut", "pause_as_thought", "no_curriculum")
+    if not thinks and args.max_thoughts:
+        raise ValueError(f"--max-thoughts {args.max_thoughts}: {args.model} is a {config.mode if method == 'coconut' else method} "
+                         "model, with no thoughts to stop after; it is analysed at k = 0 only (leave --max-thoughts out)")
     K = (args.max_thoughts if args.max_thoughts is not None else config.max_latent_stage) if thinks else 0
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
