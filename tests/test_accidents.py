@@ -95,8 +95,9 @@ def test_a_second_run_or_evaluation_into_the_same_output_is_refused_while_the_fi
     into them is refused in one line naming it, before anything loads. A copy of the held directory is free, and
     once the holder is killed (-9, its locks left behind) the same commands go ahead and leave no lock."""
     run, report_dir, report = tmp_path / "run", tmp_path / "ppl", tmp_path / "reports" / "r.json"
+    table = tmp_path / "testbed"
     holder = python_running(HOLDER, str(ROOT / "quietstar" / "core" / "run_lock.py"), "dir", str(run), "dir", str(report_dir),
-                            "file", str(report), stdout=subprocess.PIPE, text=True)
+                            "file", str(report), "dir", str(table), stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "holding"
         other = f"is in use by another run (pid {holder.pid} on {socket.gethostname()}, since "
@@ -108,6 +109,9 @@ def test_a_second_run_or_evaluation_into_the_same_output_is_refused_while_the_fi
         assert error_line(capsys.readouterr().err, "quietstar coconut-eval").startswith(f"--output {report} {other}")
         assert cli.main(["perplexity", "--model", str(fixture_dir / "model"), "--data-file", missing, "--output-dir", str(report_dir)]) == 2
         assert error_line(capsys.readouterr().err, "quietstar perplexity").startswith(f"--output-dir {report_dir} {other}")
+        assert cli.main(["testbed", "table", "--out", str(table), "--cache", str(tmp_path / "cache")]) == 2
+        assert error_line(capsys.readouterr().err, "quietstar testbed").startswith(f"--out {table} {other}")
+        assert not (tmp_path / "cache").exists()  # refused before the base
 
         copy = tmp_path / "copy"
         shutil.copytree(run, copy)  # the holder's lock file comes along, but it locks the original

@@ -15,6 +15,8 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, get_cosine_schedule_with_warmup
 
+from quietstar.core import run_lock
+from quietstar.core.files import write_text_whole
 from quietstar.core.text_data import pad_rows
 from quietstar.testbed.config import BASE_FIELDS, TestbedConfig
 from quietstar.testbed.task import CLOSE, OPEN, Problem, iter_documents
@@ -69,12 +71,13 @@ def train_lm(cfg: TestbedConfig, items: list[Problem], worked_fraction: float, s
 def cached_base(cfg: TestbedConfig, items: list[Problem], cache: Path) -> tuple[LlamaForCausalLM, Path]:
     """The base LM for ``cfg`` from ``cache/base-<key>`` (trained and saved there first if absent) and its directory."""
     directory = cache / f"base-{cfg.base_key()}"
-    if not (directory / "testbed_base.json").is_file():
+    if not (directory / "testbed_base.json").is_file():  # written last, whole: its presence means a complete base
+        run_lock.hold_directory(directory, "the base cache")  # another run training the same base is named, not raced
         model, record = train_lm(cfg, items, cfg.base_worked_fraction, cfg.base_seed, "base LM")
         model.save_pretrained(directory)
         char_tokenizer().save_pretrained(directory)
         fields = {name: getattr(cfg, name) for name in BASE_FIELDS}
-        (directory / "testbed_base.json").write_text(json.dumps({"config": fields, "training": record}, indent=1) + "\n")
+        write_text_whole(directory / "testbed_base.json", json.dumps({"config": fields, "training": record}, indent=1) + "\n")
     return AutoModelForCausalLM.from_pretrained(directory, attn_implementation="sdpa").eval(), directory
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from quietstar.core.cli_config import add_dataclass_arguments, build_config, load_yaml
+from quietstar.core.files import write_text_whole
 from quietstar.core.offline import cache_dir
 from quietstar.testbed import task
 from quietstar.testbed.base_lm import base_report
@@ -55,7 +56,7 @@ def write_json(path: str | None, record: dict) -> None:
     text = json.dumps(record, indent=1)
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(text + "\n")
+        write_text_whole(path, text + "\n")
     print(text)
 
 

@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from quietstar.core import run_lock
+from quietstar.core.files import write_text_whole
 from quietstar.testbed import coconut_arm, quiet_star_arm, task
 from quietstar.testbed.base_lm import base_report
 from quietstar.testbed.config import TestbedConfig
@@ -50,7 +52,7 @@ def run_job(cfg: TestbedConfig, arm: str, row: str, seed: int, base_dir: str, pa
     else:
         model, log = coconut_arm.train_row(cfg, row, base_dir, train, seed, desc)
         record = {"after": coconut_arm.measure(model, held_out), "log": log}
-    Path(path).write_text(json.dumps({"arm": arm, "row": row, "seed": seed, **record}) + "\n")
+    write_text_whole(path, json.dumps({"arm": arm, "row": row, "seed": seed, **record}) + "\n")  # a killed job leaves none
     return path
 
 
@@ -241,15 +243,16 @@ def plots(cfg: TestbedConfig, jobs: dict, summary: dict, out: Path) -> None:
 
 
 def run_table(cfg: TestbedConfig, out: Path, cache: Path) -> dict:
-    """Train the base (or find it in ``cache``), run every missing job, then write the table and plots into ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Train the base (or find it in ``cache``), run every missing job, then write the table and plots into ``out``
+    (held by this run: a second table into it is refused; every file is written whole, so a killed job is rerun)."""
+    run_lock.hold_directory(out, "--out")
     (out / "jobs").mkdir(exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
+    write_text_whole(out / "config.json", json.dumps(cfg.to_dict(), indent=1) + "\n")
     torch.set_num_threads(cfg.threads)
     train, held_out = cfg.train_problems(), cfg.held_out_problems()
     base = base_report(cfg, train, held_out, cache)
     base_dir = base["directory"]
-    (out / "base.json").write_text(json.dumps(base, indent=1) + "\n")
+    write_text_whole(out / "base.json", json.dumps(base, indent=1) + "\n")
     wanted = [("quietstar", row, s) for row in cfg.quiet_star_rows for s in cfg.seed_list]
     wanted += [("coconut", row, s) for row in cfg.coconut_row_list for s in cfg.seed_list]
     path = {key: out / "jobs" / f"{job_name(*key)}.json" for key in wanted}
@@ -262,8 +265,8 @@ def run_table(cfg: TestbedConfig, out: Path, cache: Path) -> dict:
                 future.result()
     jobs = {key: json.loads(path[key].read_text()) for key in wanted}
     summary = summarise(cfg, jobs, held_out)
-    (out / "table.json").write_text(json.dumps({"base": base, **summary}, indent=1) + "\n")
-    (out / "table.md").write_text(markdown(summary, base))
+    write_text_whole(out / "table.json", json.dumps({"base": base, **summary}, indent=1) + "\n")
+    write_text_whole(out / "table.md", markdown(summary, base))
     plots(cfg, jobs, summary, out)
     print((out / "table.md").read_text())
     return summary
