@@ -6,13 +6,15 @@
         --eval no_cot=eval_no_cot_s0.json,eval_no_cot_s1.json,eval_no_cot_s2.json \
         --analysis coconut=analysis_coconut_s0,analysis_coconut_s1,analysis_coconut_s2 \
         --analysis pause_as_thought=analysis_pause_s0,analysis_pause_s1,analysis_pause_s2 \
-        --json benchmarks/results/coconut_seeds.json
+        --data-file test.jsonl --json benchmarks/results/coconut_seeds.json
 
 Each ``--eval MODE=FILES`` lists one ``quietstar coconut-eval`` report per seed, in the same seed order for every
 mode (the n-th file of each mode is the same seed, on the same items). Each ``--analysis MODE=DIRS`` lists
 ``quietstar coconut-analyze`` output directories (their ``report.json``), likewise. Standard errors are over
-seeds (sample standard deviation / sqrt(seeds)); a paired difference is taken seed by seed, then averaged. Prints
-markdown tables and writes every number to ``--json``.
+seeds (sample standard deviation / sqrt(seeds)); a paired difference is taken seed by seed, then averaged. With
+``--data-file`` (the evaluated ProsQA file, with its graphs), accuracy is also split by what a rule that does no search
+says of each item (``coconut.prosqa.one_hop_shortcut``): right, a guess, or wrong; a model that searches does as well
+where the rule guesses as where it is right. Prints markdown tables and writes every number to ``--json``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ import json
 import math
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from quietstar.coconut.prosqa import one_hop_shortcut  # noqa: E402
 
 PATH_CLASSES = ("correct_path", "longer_path", "hallucination", "wrong_target", "correct_label", "incorrect_label")
 
@@ -76,6 +81,22 @@ def accuracy_table(evals: dict[str, list[dict]]) -> dict:
     return result
 
 
+def shortcut_table(evals: dict[str, list[dict]], records: list[dict]) -> dict:
+    """Per mode, accuracy on the items where the no-search rule is right (credit 1), guesses (0.5) or is wrong (0)."""
+    credit = {r["question"]: one_hop_shortcut(r) for r in records}
+    out = {}
+    for mode, reports in evals.items():
+        missing = [x["question"] for x in reports[0]["items"] if x["question"] not in credit]
+        if missing:
+            raise SystemExit(f"--data-file: {len(missing)} of {mode}'s evaluated questions are not in it, e.g. {missing[0][:80]!r}")
+        out[mode] = {}
+        for name, value in (("rule_right", 1.0), ("rule_guesses", 0.5), ("rule_wrong", 0.0)):
+            per_seed = [[x["correct"] for x in r["items"] if credit[x["question"]] == value] for r in reports]
+            if per_seed[0]:
+                out[mode][name] = {**mean_se([sum(v) / len(v) for v in per_seed]), "items": len(per_seed[0])}
+    return out
+
+
 def analysis_table(analyses: dict[str, list[dict]]) -> dict:
     """Per mode and k: accuracy, its change from k = 0, path-class shares; per thought: value mass on the
     frontier and on the rest, and the top node's changes; each mean ± SE over seeds."""
@@ -96,6 +117,13 @@ def analysis_table(analyses: dict[str, list[dict]]) -> dict:
                    if all(s["top_node_changes"][step] is not None for s in summaries)}
         out[mode] = {"per_k": per_k, "top_node_changes": changes}
     return out
+
+
+def print_shortcut(table: dict) -> None:
+    print("\n| mode | where the no-search rule is right | where it guesses | where it is wrong |\n| --- | --- | --- | --- |")
+    for mode, row in table.items():
+        cells = [f"{shown(row[n])} ({row[n]['items']} items)" if n in row else "-" for n in ("rule_right", "rule_guesses", "rule_wrong")]
+        print(f"| {mode} | " + " | ".join(cells) + " |")
 
 
 def print_tables(acc: dict, search: dict) -> None:
@@ -122,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--eval", action="append", default=[], metavar="MODE=FILES", help="coconut-eval reports, one per seed")
     parser.add_argument("--analysis", action="append", default=[], metavar="MODE=DIRS", help="coconut-analyze directories, one per seed")
+    parser.add_argument("--data-file", help="the evaluated ProsQA file with its graphs: accuracy split by the no-search rule")
     parser.add_argument("--json", help="write every number here")
     args = parser.parse_args(argv)
     if not args.eval:
@@ -130,6 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     analyses = {m: [read_json(p / "report.json") for p in paths] for m, paths in groups(args.analysis, "--analysis").items()}
     acc, search = accuracy_table(evals), analysis_table(analyses)
     print_tables(acc, search)
+    if args.data_file:
+        records = [json.loads(line) for line in Path(args.data_file).read_text().splitlines() if line.strip()]
+        acc["by_shortcut"] = shortcut_table(evals, records)
+        print_shortcut(acc["by_shortcut"])
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"evals": {m: [str(p) for p in ps] for m, ps in groups(args.eval, "--eval").items()},

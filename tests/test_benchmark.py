@@ -152,3 +152,48 @@ def test_saved_activations_benchmark_counts_each_formulation():
     lines = {line.split()[0]: float(line.split()[1]) for line in done.stdout.splitlines()}
     assert set(lines) == {"one_pass", "efficient", "oracle"} and all(mb > 0 for mb in lines.values())
     assert lines["one_pass"] < lines["oracle"]
+
+
+def test_coconut_seeds_gives_mean_and_se_over_seeds_paired_and_split_by_the_no_search_rule(tmp_path):
+    #  Tom -> alpus -> dumpus (the target); Ann -> xorpus (the distractor, one hop from Ann: the rule is right), or
+    #  Ann -> alpus -> xorpus (two hops: the rule guesses)
+    def record(question, ann_edges):
+        return {"question": question, "answer": "Tom is a dumpus.", "steps": [], "root": 0, "target": 3, "neg_target": 4,
+                "idx_to_symbol": ["Tom", "Ann", "alpus", "dumpus", "xorpus"], "edges": [[0, 2], [2, 3]] + ann_edges}
+
+    records = [record("q1", [[1, 4]]), record("q2", [[1, 4]]), record("q3", [[1, 2], [2, 4]]), record("q4", [[1, 2], [2, 4]])]
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    def report(name, correct):
+        path = tmp_path / f"{name}.json"
+        items = [{"question": f"q{i + 1}", "correct": c} for i, c in enumerate(correct)]
+        path.write_text(json.dumps({"accuracy": sum(correct) / len(correct), "items": items}))
+        return str(path)
+
+    def analysis(name, accuracy, frontier):
+        directory = tmp_path / name
+        directory.mkdir()
+        k = {"correct_path": 0.0, "longer_path": 0.0, "hallucination": 0.0, "wrong_target": 0.0, "correct_label": 0.5, "incorrect_label": 0.5}
+        summary = {"accuracy": {"0": 0.5, "1": accuracy}, "path_classes": {"0": k, "1": k},
+                   "value_mass": {"1": {"frontier": frontier, "other": 0.1}}, "top_node_changes": {}}
+        (directory / "report.json").write_text(json.dumps({"summary": summary}))
+        return str(directory)
+
+    coconut = [report("c0", [True, True, True, False]), report("c1", [True, True, False, False])]
+    pause = [report("p0", [True, True, False, False]), report("p1", [True, False, False, False])]
+    out = tmp_path / "seeds.json"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "coconut_seeds.py"), "--eval", "coconut=" + ",".join(coconut),
+                           "--eval", "pause=" + ",".join(pause), "--analysis", f"coconut={analysis('a0', 0.75, 0.4)},{analysis('a1', 0.5, 0.2)}",
+                           "--data-file", str(tmp_path / "test.jsonl"), "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    assert result["accuracy"]["coconut"]["mean"] == pytest.approx(0.625) and result["accuracy"]["coconut"]["se"] == pytest.approx(0.125)
+    paired = result["paired"]["coconut - pause"]
+    assert paired["mean"] == pytest.approx(0.25) and paired["se"] == pytest.approx(0.0)
+    assert (paired["items_only_first"], paired["items_only_second"]) == (2, 0)
+    assert result["by_shortcut"]["coconut"]["rule_right"]["mean"] == 1.0
+    assert result["by_shortcut"]["coconut"]["rule_guesses"]["mean"] == pytest.approx(0.25)
+    assert result["by_shortcut"]["pause"]["rule_right"]["mean"] == pytest.approx(0.75) and "rule_wrong" not in result["by_shortcut"]["pause"]
+    search = result["latent_search"]["coconut"]["per_k"]["1"]
+    assert search["accuracy_minus_k0"]["mean"] == pytest.approx(0.125) and search["frontier_mass"]["mean"] == pytest.approx(0.3)
+    assert "| coconut - pause | 25.0 ± 0.0 | 2 / 0 |" in done.stdout
