@@ -8,6 +8,7 @@ from collections import deque
 import pytest
 
 from quietstar.coconut import data, prosqa
+from quietstar.core.cli_config import ConfigError
 from quietstar.coconut.data import Example, answer_of, answers_match, gsm8k_example, qa_example, read_examples, write_examples
 
 # Raw GSM8K records, in the released format (the second has no calculator annotation).
@@ -215,6 +216,17 @@ def test_the_one_hop_shortcut_reads_which_option_another_person_is_directly():
     records = [record([[1, 4]]), record([[1, 3], [1, 2], [2, 4]])]
     assert prosqa.statistics(records)["one_hop_shortcut"] == 0.5
     assert "one_hop_shortcut" not in prosqa.statistics([{k: v for k, v in records[0].items() if k != "neg_target"}])
+
+
+def test_no_shortcut_draws_only_items_the_one_hop_rule_cannot_decide():
+    small = dict(n_nodes=12, min_steps=2, max_steps=3, vocab_size=24)
+    plain = prosqa.generate(200, 7, **small)
+    assert prosqa.statistics(plain)["one_hop_shortcut"] > 0.7  # small graphs give the answer away
+    assert prosqa.generate(200, 7, **small, no_shortcut=False) == plain  # the default stream is unchanged
+    hard = prosqa.generate(200, 7, **small, no_shortcut=True)
+    assert all(prosqa.one_hop_shortcut(r) == 0.5 for r in hard) and len({r["question"] for r in hard}) == 200
+    with pytest.raises(ConfigError, match="Settings.no_shortcut"):
+        prosqa.generate(1, 0, no_shortcut="yes")
 
 
 def test_prosqa_cli_generates_and_prints_stats(tmp_path, capsys):
