@@ -33,6 +33,7 @@ import json
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -70,10 +71,12 @@ def with_thoughts(config: CoconutConfig, k: int) -> CoconutConfig:
 
 
 def decode_paths(model, method: str, config: CoconutConfig, items: list[dict], k: int, batch_size: int, max_new_tokens: int,
-                 device: torch.device) -> list[dict]:
-    """Greedy language after k thoughts, for every item: its output, answer correctness and path class."""
+                 device: torch.device, on_batch: Callable[[], object] | None = None) -> list[dict]:
+    """Greedy language after k thoughts, for every item: its output, answer correctness and path class
+    (``on_batch()`` after each batch: a progress bar's update)."""
     examples = [Example(i["question"], tuple(i["steps"]), i["answer"]) for i in items]
-    records, _ = evaluate(model, method, with_thoughts(config, k), examples, batch_size, max_new_tokens, device, progress=False)
+    records, _ = evaluate(model, method, with_thoughts(config, k), examples, batch_size, max_new_tokens, device, progress=False,
+                          on_batch=on_batch and (lambda records, seconds: on_batch()))
     return [{"output": r["output"], "correct": r["correct"],
              "class": classify_path(Graph.of_item(item), r["output"], r["correct"], latents=k)}
             for item, r in zip(items, records)]
@@ -94,11 +97,13 @@ def node_pieces(tokenizer, item: dict) -> tuple[list[int], list[int], list[list[
 
 
 @torch.no_grad()
-def node_values(model, config: CoconutConfig, items: list[dict], k: int, batch_size: int, device: torch.device) -> list[dict[int, float]]:
+def node_values(model, config: CoconutConfig, items: list[dict], k: int, batch_size: int, device: torch.device,
+                on_batch: Callable[[], object] | None = None) -> list[dict[int, float]]:
     """For each item, {concept node: p(its name | question, k thoughts, <eot>, "Every")}.
 
     The prompts of a batch run once (``CoconutModel.hidden_states`` on a cache); the cache rows are then
-    copied to one row per (item, node) and the name tokens fed as one right-padded block.
+    copied to one row per (item, node) and the name tokens fed as one right-padded block. ``on_batch()`` after
+    each batch.
     """
     tokenizer, head = model.tokenizer, model.lm.get_output_embeddings()
     decoder, embedding = model.lm.base_model, model.lm.get_input_embeddings()
@@ -129,6 +134,8 @@ def node_values(model, config: CoconutConfig, items: list[dict], k: int, batch_s
         for nodes, _, _ in pieces:
             values.append(dict(zip(nodes, totals[at:at + len(nodes)])))
             at += len(nodes)
+        if on_batch is not None:
+            on_batch()
     return values
 
 
@@ -265,10 +272,13 @@ def run(args: argparse.Namespace) -> dict:
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths, values = {}, {}
-    for k in tqdm(range(K + 1), desc="thoughts k", unit="k"):
-        paths[k] = decode_paths(model, method, config, items, k, args.batch_size, args.max_new_tokens, device)
-        if k >= 1:
-            values[k] = node_values(model, config, items, k, args.batch_size, device)
+    batches = -(-len(items) // args.batch_size)
+    with tqdm(total=(2 * K + 1) * batches, desc="coconut-analyze", unit="batch") as bar:
+        for k in range(K + 1):
+            bar.set_postfix(k=k)
+            paths[k] = decode_paths(model, method, config, items, k, args.batch_size, args.max_new_tokens, device, bar.update)
+            if k >= 1:
+                values[k] = node_values(model, config, items, k, args.batch_size, device, bar.update)
     summary = summarise(items, paths, values)
     figures = plot(summary, out_dir, f"{config.mode} ({Path(args.model).name})")
     write_html(items, paths, values, figures, out_dir)
