@@ -1,5 +1,6 @@
 """The benchmark command runs and writes rows with the documented fields (tiny sizes; timings are not checked)."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -154,7 +155,7 @@ def test_saved_activations_benchmark_counts_each_formulation():
     assert lines["one_pass"] < lines["oracle"]
 
 
-def test_coconut_seeds_gives_mean_and_se_over_seeds_paired_and_split_by_the_no_search_rule(tmp_path):
+def test_coconut_seeds_gives_mean_and_se_over_seeds_paired_and_split_by_the_no_search_rule(tmp_path, capsys):
     #  Tom -> alpus -> dumpus (the target); Ann -> xorpus (the distractor, one hop from Ann: the rule is right), or
     #  Ann -> alpus -> xorpus (two hops: the rule guesses)
     def record(question, ann_edges):
@@ -182,10 +183,12 @@ def test_coconut_seeds_gives_mean_and_se_over_seeds_paired_and_split_by_the_no_s
     coconut = [report("c0", [True, True, True, False]), report("c1", [True, True, False, False])]
     pause = [report("p0", [True, True, False, False]), report("p1", [True, False, False, False])]
     out = tmp_path / "seeds.json"
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "coconut_seeds.py"), "--eval", "coconut=" + ",".join(coconut),
-                           "--eval", "pause=" + ",".join(pause), "--analysis", f"coconut={analysis('a0', 0.75, 0.4)},{analysis('a1', 0.5, 0.2)}",
-                           "--data-file", str(tmp_path / "test.jsonl"), "--json", str(out)], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+    spec = importlib.util.spec_from_file_location("coconut_seeds", ROOT / "benchmarks" / "coconut_seeds.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)  # in this process: no second interpreter to start
+    assert script.main(["--eval", "coconut=" + ",".join(coconut), "--eval", "pause=" + ",".join(pause),
+                        "--analysis", f"coconut={analysis('a0', 0.75, 0.4)},{analysis('a1', 0.5, 0.2)}",
+                        "--data-file", str(tmp_path / "test.jsonl"), "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["accuracy"]["coconut"]["mean"] == pytest.approx(0.625) and result["accuracy"]["coconut"]["se"] == pytest.approx(0.125)
     paired = result["paired"]["coconut - pause"]
@@ -196,4 +199,4 @@ def test_coconut_seeds_gives_mean_and_se_over_seeds_paired_and_split_by_the_no_s
     assert result["by_shortcut"]["pause"]["rule_right"]["mean"] == pytest.approx(0.75) and "rule_wrong" not in result["by_shortcut"]["pause"]
     search = result["latent_search"]["coconut"]["per_k"]["1"]
     assert search["accuracy_minus_k0"]["mean"] == pytest.approx(0.125) and search["frontier_mass"]["mean"] == pytest.approx(0.3)
-    assert "| coconut - pause | 25.0 ± 0.0 | 2 / 0 |" in done.stdout
+    assert "| coconut - pause | 25.0 ± 0.0 | 2 / 0 |" in capsys.readouterr().out

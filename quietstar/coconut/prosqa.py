@@ -285,7 +285,7 @@ def one_hop_shortcut(record: dict) -> float:
 def statistics(records: Sequence[dict], tokenizer: Any = None) -> dict[str, float]:
     """Mean size and difficulty of ProsQA records.
 
-    Returns {items, nodes, edges, shortest_path, steps, question_words[, question_tokens][, one_hop_shortcut]}:
+    Returns {items, nodes, edges, shortest_path, steps, question_words}, with question_tokens and one_hop_shortcut when known:
     the number of records, then means per record of ``len(idx_to_symbol)``, ``len(edges)``,
     the root-target shortest path, ``len(steps)``, the question's whitespace words and, with
     ``tokenizer`` (anything with ``encode(str) -> list``, e.g. a Hugging Face tokenizer), its tokens; with
