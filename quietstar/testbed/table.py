@@ -91,7 +91,7 @@ def paired(a_runs: list[list[float]], b_runs: list[list[float]], lower_is_better
             worse = u > v if lower_is_better else u < v
             wins, losses = wins + better, losses + worse
     return {"difference": d, "se": se, "wins": wins, "losses": losses, "p_sign": sign_test(wins, losses),
-            "beyond_2se": abs(d) > 2 * se and se > 0}
+            "beyond_2se": abs(d) > 2 * se and se > 0, "seeds": len(diffs)}
 
 
 QS_METRICS = ("base_nll", "own_sampled_nll", "own_greedy_nll", "shuffled_nll", "oracle_nll", "correct_no_thought",
@@ -189,7 +189,7 @@ def markdown(summary: dict, base: dict) -> str:
               "| comparison | a - b | wins / losses | sign-test p | beyond 2 SE |", "|---|---|---|---|---|"]
     for name, c in summary["comparisons"].items():
         lines.append(f"| {name} | {c['difference']:+.3f} ± {c['se']:.3f} | {c['wins']} / {c['losses']} | {c['p_sign']:.2g} | "
-                     f"{'yes' if c['beyond_2se'] else 'no'} |")
+                     f"{('yes' if c['beyond_2se'] else 'no') if c['seeds'] > 1 else 'one seed: no SE'} |")
     return "\n".join(lines) + "\n"
 
 
