@@ -1,6 +1,6 @@
 # make demo  - set up (once) and run the main job on the embedded default:
 #              Quiet-STaR training of SmolLM2-135M on the offline corpus (launch/pretrain.sh)
-# make testbed-demo - set up (once) and see Quiet-STaR learn to think, on the reasoning testbed (about 10-15 min)
+# make testbed-demo - set up (once) and see Quiet-STaR learn to think, on the reasoning testbed (about 10 min)
 # make test  - set up (once) and run the tests
 # make docs  - set up (once), install the docs extra and build the documentation site into site/ (mkdocs --strict)
 #
