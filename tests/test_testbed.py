@@ -173,3 +173,17 @@ def test_describe_and_generate(tmp_path, capsys):
     assert {r["hops"] for r in lines} == {2, 3}
     assert cli_main(["testbed", "describe", "--hops", "0"]) == 2
     assert "TestbedConfig.hops" in capsys.readouterr().err
+
+
+def test_the_demo_config_is_the_tables_delimiters_row_alone_on_a_shorter_base():
+    """launch/configs/testbed_demo.yaml (make testbed-demo) changes only the base's length, the sizes and the rows:
+    the Quiet-STaR row it runs is the full table's."""
+    from pathlib import Path
+
+    from quietstar.core.cli_config import build_config, load_yaml
+
+    demo = build_config(Settings, load_yaml(Path(__file__).resolve().parents[1] / "launch" / "configs" / "testbed_demo.yaml"))
+    assert demo.quiet_star_rows == ("delimiters",) and demo.coconut_row_list == () and demo.seed_list == (1,)
+    assert demo.base_steps < Settings().base_steps and demo.eval_split == "valid"
+    row_fields = [name for name in Settings.__dataclass_fields__ if name.startswith("qs_") and name != "qs_rows"]
+    assert all(getattr(demo, name) == getattr(Settings(), name) for name in row_fields)
