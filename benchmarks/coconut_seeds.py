@@ -27,8 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from quietstar.coconut.prosqa import one_hop_shortcut  # noqa: E402
-
-PATH_CLASSES = ("correct_path", "longer_path", "hallucination", "wrong_target", "correct_label", "incorrect_label")
+from quietstar.evaluation.prosqa_paths import PATH_CLASSES  # noqa: E402
 
 
 def mean_se(values: list[float]) -> dict:

@@ -276,7 +276,7 @@ def one_hop_shortcut(record: dict) -> float:
     """The credit of a rule that answers without any search: the option that another person (a node with no
     parents, not the root) is directly ("Paul is a pedpus.") is the distractor. 1 when only the distractor is
     one hop from another person, 0 when only the target is, 0.5 (a guess) otherwise."""
-    parents = {child_parent[1] for child_parent in record["edges"]}
+    parents = {parent for _, parent in record["edges"]}  # nodes with a child: concepts
     others = {a for a, _ in record["edges"] if a not in parents and a != record["root"]}
     near = [any(a in others and b == option for a, b in record["edges"]) for option in (record["target"], record["neg_target"])]
     return 0.5 if near[0] == near[1] else float(near[1])
